@@ -1,0 +1,82 @@
+"""Shared pieces of every command line: verbosity, overwrite, clean one-line errors, atomic outputs.
+
+Every CLI is thin: it parses arguments, then calls one library function inside ``run_cli`` so that any
+``TrackflowError`` (bad input) becomes one line on stderr and exit code 2, with no traceback.
+"""
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from trackflow.errors import TrackflowError
+
+LOGGER = logging.getLogger("trackflow")
+
+
+def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+    """scilpy-style ``-v [LEVEL]``: bare ``-v`` means INFO, default WARNING."""
+    parser.add_argument(
+        "-v", dest="verbose", nargs="?", const="INFO", default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING"],
+        help="Log level; bare -v means INFO. [%(default)s]")
+
+
+def add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-f", dest="overwrite", action="store_true",
+                        help="Overwrite existing outputs.")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), format="%(levelname)s %(name)s: %(message)s",
+                        force=True)
+
+
+def check_outputs(paths, overwrite: bool) -> None:
+    """Refuse to clobber existing outputs unless ``-f`` was given."""
+    for p in paths:
+        if p is not None and Path(p).exists() and not overwrite:
+            raise TrackflowError(f"output {p} already exists (use -f to overwrite)")
+
+
+def check_inputs(paths) -> None:
+    for p in paths:
+        if p is not None and not Path(p).exists():
+            raise TrackflowError(f"input {p} does not exist")
+
+
+@contextlib.contextmanager
+def atomic_output(final_path, suffix=None):
+    """Yield a temporary path beside ``final_path``; rename it to ``final_path`` only on success.
+
+    An interrupted or failing writer therefore never leaves a partial file under the final name.
+    The suffix of the final name is kept so that format detection by extension still works.
+    """
+    final_path = Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = suffix if suffix is not None else "".join(final_path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=f".tmp{suffix}",
+                               dir=final_path.parent)
+    os.close(fd)
+    os.unlink(tmp)  # writers (h5py, nibabel, torch) create the file themselves
+    try:
+        yield Path(tmp)
+        os.replace(tmp, final_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def run_cli(func, *args, **kwargs):
+    """Call the library function; turn bad-input errors into one line and a non-zero exit."""
+    try:
+        return func(*args, **kwargs)
+    except TrackflowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
