@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -70,8 +71,17 @@ def atomic_output(final_path, suffix=None):
             os.unlink(tmp)
 
 
+def _interrupt_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_cli(func, *args, **kwargs):
-    """Call the library function; turn bad-input errors into one line and a non-zero exit."""
+    """Call the library function; turn bad-input errors into one line and a non-zero exit.
+
+    SIGTERM (what Snakemake and SLURM send) is turned into KeyboardInterrupt so that ``atomic_output``
+    removes its temporary file on the way out.
+    """
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         return func(*args, **kwargs)
     except TrackflowError as e:
