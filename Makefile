@@ -14,12 +14,10 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/trackflow_make_demo results/demo/dwi_ml_ready --subjects 4 --seed 0 -f
-	$(BIN)/dwiml_create_hdf5_dataset -f -v INFO results/demo/dwi_ml_ready results/demo/demo.hdf5 \
-	    results/demo/dwi_ml_ready/config/hdf5_config.json \
-	    results/demo/dwi_ml_ready/config/training_subjs.txt \
-	    results/demo/dwi_ml_ready/config/validation_subjs.txt \
-	    results/demo/dwi_ml_ready/config/testing_subjs.txt
+	$(BIN)/trackflow_make_demo results/demo/cohort --subjects 4 --seed 0 -f
+	$(BIN)/dwiml_create_hdf5_dataset -f -v INFO results/demo/cohort/dwi_ml_ready results/demo/demo.hdf5 \
+	    results/demo/cohort/config/hdf5_config.json results/demo/cohort/config/training_subjs.txt \
+	    results/demo/cohort/config/validation_subjs.txt results/demo/cohort/config/testing_subjs.txt
 	$(BIN)/dwiml_hdf5_print_architecture results/demo/demo.hdf5
 
 test: install
