@@ -1,0 +1,258 @@
+"""Causal attention, encoder and decoder layers with a per-row key/value cache (nanoGPT-style).
+
+Parameter names follow torch's ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (packed
+``in_proj_weight``), so the weights are interchangeable with the stock layers. Attention runs through
+``torch.nn.functional.scaled_dot_product_attention``.
+
+The same layer code serves the whole-sequence forward (training) and incremental decoding (tracking):
+with a :class:`KVCache` and a :class:`CacheWrite`, a layer stores the keys/values of the tokens it gets
+and attends over everything the cache holds for those rows. Shape letters: B rows, T points,
+H heads, D model width, P cache capacity (points).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}  # gelu: exact (erf), as torch's layers
+
+
+def attention_mask(query_positions: torch.Tensor, n_keys: int, lengths: torch.Tensor) -> torch.Tensor:
+    """Boolean mask, True where a query may attend a key: causal and within the row's length.
+
+    Parameters
+    ----------
+    query_positions : LongTensor [B, T] or [1, T]
+        Position of each query token.
+    n_keys : int
+        Number of key positions (0 .. n_keys-1).
+    lengths : LongTensor [B]
+        Number of real tokens per row; keys at positions >= length are padding.
+
+    Returns
+    -------
+    BoolTensor [B, 1, T, n_keys] (broadcast over heads).
+    """
+    key_positions = torch.arange(n_keys, device=lengths.device)
+    causal = key_positions <= query_positions[..., None]  # [B, T, n_keys]
+    not_padding = key_positions < lengths[:, None, None]
+    return (causal & not_padding)[:, None]
+
+
+@dataclass
+class CacheWrite:
+    """Where the tokens of one call go in the caches.
+
+    rows : LongTensor [B], the slots being processed (distinct, except a scratch slot whose content
+        does not matter: duplicates write to it in no defined order).
+    positions : LongTensor [B] or None. None: the call holds a whole prefix (tokens 0..T-1, prefill);
+        otherwise the call holds one token per row, written at that row's position.
+    n_keys : int, number of cache positions to attend over (the largest position + 1).
+    """
+
+    rows: torch.Tensor
+    positions: torch.Tensor | None
+    n_keys: int
+
+
+class KVCache:
+    """Keys and values of one attention module for every tracking slot, preallocated.
+
+    Each slot (row) holds its own number of positions, so rows resume from ragged prefixes.
+    Zero-initialised: a masked position gets attention weight 0, but 0 * NaN is still NaN.
+    """
+
+    def __init__(self, n_slots: int, nheads: int, max_points: int, head_size: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (n_slots, nheads, max_points, head_size)  # [S, H, P, D/H]
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, write: CacheWrite, keys: torch.Tensor, values: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store keys/values [B, H, T, D/H] and return those to attend over, [B, H, n_keys, D/H]."""
+        if write.positions is None:
+            n_tokens = keys.shape[2]
+            self.keys[write.rows, :, :n_tokens] = keys
+            self.values[write.rows, :, :n_tokens] = values
+            return keys, values
+        self.keys[write.rows, :, write.positions] = keys[:, :, 0]
+        self.values[write.rows, :, write.positions] = values[:, :, 0]
+        return (self.keys[write.rows, :, :write.n_keys],
+                self.values[write.rows, :, :write.n_keys])
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with packed q/k/v projections (torch's ``nn.MultiheadAttention`` names).
+
+    Heads are contiguous slices of the projected vector; scale 1/sqrt(D/H); dropout on the
+    attention weights in training.
+    """
+
+    def __init__(self, d_model: int, nheads: int, dropout: float):
+        super().__init__()
+        self.nheads = nheads
+        self.head_size = d_model // nheads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))  # rows: q, k, v
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        # Same initialisation as torch's MultiheadAttention.
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def new_cache(self, n_slots: int, max_points: int, device, dtype) -> KVCache:
+        """Zeroed key/value cache [n_slots, H, max_points, D/H] for this module."""
+        return KVCache(n_slots, self.nheads, max_points, self.head_size, device, dtype)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, n_tokens, width = x.shape
+        return x.view(batch, n_tokens, self.nheads, width // self.nheads).transpose(1, 2)  # [B, H, T, D/H]
+
+    def _attend(self, queries, keys, values, mask) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout)
+        batch, _, n_tokens, _ = out.shape
+        out = out.transpose(1, 2).reshape(batch, n_tokens, -1)  # [B, T, D]
+        return self.out_proj(out)
+
+    def self_attention(self, x: torch.Tensor, mask: torch.Tensor,
+                       cache: KVCache | None = None, write: CacheWrite | None = None) -> torch.Tensor:
+        """x [B, T, D], mask [B, 1, T, keys] -> [B, T, D]; one fused projection for q, k and v."""
+        queries, keys, values = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        queries, keys, values = map(self._split_heads, (queries, keys, values))
+        if cache is not None:
+            keys, values = cache.update(write, keys, values)
+        return self._attend(queries, keys, values, mask)
+
+    def cross_attention(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
+                        cache: KVCache | None = None, write: CacheWrite | None = None) -> torch.Tensor:
+        """Queries from x [B, T, D], keys/values from memory [B, T, D] -> [B, T, D]."""
+        width = x.shape[-1]
+        queries = F.linear(x, self.in_proj_weight[:width], self.in_proj_bias[:width])
+        keys, values = F.linear(memory, self.in_proj_weight[width:], self.in_proj_bias[width:]).chunk(2, -1)
+        queries, keys, values = map(self._split_heads, (queries, keys, values))
+        if cache is not None:
+            keys, values = cache.update(write, keys, values)
+        return self._attend(queries, keys, values, mask)
+
+
+class _TransformerLayer(nn.Module):
+    """Parts shared by the encoder and decoder layers: self-attention and the feed-forward block."""
+
+    def __init__(self, d_model: int, nheads: int, ffnn_hidden_size: int, dropout: float,
+                 activation: str, norm_first: bool):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nheads, dropout)
+        self.linear1 = nn.Linear(d_model, ffnn_hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(ffnn_hidden_size, d_model)
+        self.activation = ACTIVATIONS[activation]
+        self.norm_first = norm_first
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+    def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, block) -> torch.Tensor:
+        """Post-norm LN(x + block(x)), or pre-norm x + block(LN(x))."""
+        if self.norm_first:
+            return x + block(norm(x))
+        return norm(x + block(x))
+
+
+class EncoderLayer(_TransformerLayer):
+    """Causal self-attention then feed-forward; parameters named as ``nn.TransformerEncoderLayer``."""
+
+    def __init__(self, d_model: int, nheads: int, ffnn_hidden_size: int, dropout: float,
+                 activation: str, norm_first: bool):
+        super().__init__(d_model, nheads, ffnn_hidden_size, dropout, activation, norm_first)
+        self.norm1 = nn.LayerNorm(d_model, eps=1e-5)
+        self.norm2 = nn.LayerNorm(d_model, eps=1e-5)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache | None = None, write: CacheWrite | None = None) -> torch.Tensor:
+        """x [B, T, D], mask [B, 1, T, keys] -> [B, T, D]."""
+        x = self._residual(x, self.norm1, lambda h: self.dropout1(
+            self.self_attn.self_attention(h, mask, cache, write)))
+        return self._residual(x, self.norm2, lambda h: self.dropout2(self._feed_forward(h)))
+
+
+class DecoderLayer(_TransformerLayer):
+    """Causal self-attention, causal cross-attention to the encoder output, feed-forward.
+
+    Parameters named as ``nn.TransformerDecoderLayer`` (``multihead_attn`` is the cross-attention).
+    """
+
+    def __init__(self, d_model: int, nheads: int, ffnn_hidden_size: int, dropout: float,
+                 activation: str, norm_first: bool):
+        super().__init__(d_model, nheads, ffnn_hidden_size, dropout, activation, norm_first)
+        self.multihead_attn = MultiheadAttention(d_model, nheads, dropout)
+        self.norm1 = nn.LayerNorm(d_model, eps=1e-5)
+        self.norm2 = nn.LayerNorm(d_model, eps=1e-5)
+        self.norm3 = nn.LayerNorm(d_model, eps=1e-5)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
+                caches: tuple[KVCache, KVCache] | None = None, write: CacheWrite | None = None
+                ) -> torch.Tensor:
+        """x, memory [B, T, D], mask [B, 1, T, keys] -> [B, T, D]; caches = (self, cross)."""
+        self_cache, cross_cache = caches if caches is not None else (None, None)
+        x = self._residual(x, self.norm1, lambda h: self.dropout1(
+            self.self_attn.self_attention(h, mask, self_cache, write)))
+        x = self._residual(x, self.norm2, lambda h: self.dropout2(
+            self.multihead_attn.cross_attention(h, memory, mask, cross_cache, write)))
+        return self._residual(x, self.norm3, lambda h: self.dropout3(self._feed_forward(h)))
+
+
+class Encoder(nn.Module):
+    """Stack of encoder layers (``.layers.<i>``), no final norm."""
+
+    def __init__(self, n_layers: int, **layer_args):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(**layer_args) for _ in range(n_layers))
+
+    def new_caches(self, n_slots: int, max_points: int, device, dtype) -> list[KVCache]:
+        return [layer.self_attn.new_cache(n_slots, max_points, device, dtype) for layer in self.layers]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                caches: list[KVCache] | None = None, write: CacheWrite | None = None) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, caches[i] if caches is not None else None, write)
+        return x
+
+
+class Decoder(nn.Module):
+    """Stack of decoder layers (``.layers.<i>``), no final norm."""
+
+    def __init__(self, n_layers: int, **layer_args):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(**layer_args) for _ in range(n_layers))
+
+    def new_caches(self, n_slots: int, max_points: int, device, dtype) -> list[tuple[KVCache, KVCache]]:
+        return [(layer.self_attn.new_cache(n_slots, max_points, device, dtype),
+                 layer.multihead_attn.new_cache(n_slots, max_points, device, dtype))
+                for layer in self.layers]
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
+                caches: list[tuple[KVCache, KVCache]] | None = None,
+                write: CacheWrite | None = None) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, memory, mask, caches[i] if caches is not None else None, write)
+        return x
+
+
+class EncoderDecoder(nn.Module):
+    """Encoder and decoder (``.encoder.layers.<i>``, ``.decoder.layers.<i>``), as ``nn.Transformer``."""
+
+    def __init__(self, n_layers_e: int, n_layers_d: int, **layer_args):
+        super().__init__()
+        self.encoder = Encoder(n_layers_e, **layer_args)
+        self.decoder = Decoder(n_layers_d, **layer_args)
+
