@@ -1,0 +1,593 @@
+"""Direction getters: the output heads of Learn2track and the TractoTransformers (spec §2.3).
+
+Every head maps the model's hidden vectors h [N, in] to ONE raw tensor [N, K] (layout documented per
+class) and provides a per-point loss, a deterministic direction, a probabilistic sample and, with EOS,
+the end-of-streamline probability. Submodule names and shapes follow dwi_ml (checkpoints §2.4) so that
+its state dicts load with ``strict=True``; every sub-network is a ModuleList ``[Linear(in, ceil(in/2)),
+Linear(ceil(in/2), out)]`` run as Linear, ReLU, Dropout, Linear.
+
+Differences from dwi_ml, on purpose:
+- EOS losses use BCE on the logit (dwi_ml's BCE of a sigmoid saturates), and the direction loss is NOT
+  evaluated on EOS rows (their target direction is undefined; dwi_ml evaluates it on a zero vector).
+- Sampling is batched on the device and takes ALL its randomness from given uniforms u (inverse CDF for
+  categorical choices, Box-Muller for gaussians, closed-form inverse CDF for von Mises-Fisher), so a
+  tracker can derive u from per-streamline counters. dwi_ml samples fisher per point with numpy.
+- ``gaussian-mixture``, ``fisher-von-mises-mixture`` and probabilistic heads with EOS work.
+Kept on purpose: ``normalize_outputs`` rescales the whole regression output, EOS logit included
+(dwi_ml checkpoints were trained that way).
+"""
+
+import inspect
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from dipy.data import get_sphere
+from torch import nn
+
+from trackflow.errors import TrackflowError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SPHERE = "symmetric724"
+MAX_KAPPA = 20.0  # dwi_ml's fisher kappa = 20 * sigmoid(raw)
+_MIN_KAPPA = 1e-6  # keeps log(kappa) and the vMF normaliser finite when sigmoid underflows
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _two_layer_mlp(in_size: int, out_size: int) -> nn.ModuleList:
+    hidden = math.ceil(in_size / 2)
+    return nn.ModuleList([nn.Linear(in_size, hidden), nn.Linear(hidden, out_size)])
+
+
+def _sample_categorical(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw of one class per row: logits [N, C], u [N] in [0, 1) -> LongTensor [N]."""
+    cdf = torch.cumsum(torch.softmax(logits, dim=-1), dim=-1)  # [N, C]
+    threshold = (u * cdf[:, -1]).unsqueeze(1).contiguous()
+    index = torch.searchsorted(cdf.contiguous(), threshold, right=True).squeeze(1)
+    return index.clamp_max(logits.shape[1] - 1)  # rounding of the last cdf value
+
+
+def _standard_normals(u: torch.Tensor) -> torch.Tensor:
+    """Box-Muller: u [N, 4] in [0, 1) -> three independent N(0, 1) per row, [N, 3]."""
+    radius = torch.sqrt(-2 * torch.log1p(-u[:, 0::2]))  # log(1 - u): finite for u in [0, 1)
+    angle = 2 * math.pi * u[:, 1::2]
+    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, [0, 2, 1]]
+
+
+def _von_mises_fisher_log_density(mu: torch.Tensor, kappa: torch.Tensor, unit_target: torch.Tensor) -> torch.Tensor:
+    """log f(t; mu, kappa) on the sphere S^2 for mu, t [..., 3] unit and kappa [...].
+
+    f = kappa / (2 pi (e^kappa - e^-kappa)) exp(kappa mu.t), with log(e^k - e^-k) written as
+    k + log(-expm1(-2k)) to stay finite (dwi_ml floors e^k - e^-k at 1e-5 instead).
+    """
+    kappa = kappa.clamp_min(_MIN_KAPPA)
+    log_normaliser = torch.log(kappa) - _LOG_2PI - kappa - torch.log(-torch.expm1(-2 * kappa))
+    return log_normaliser + kappa * (mu * unit_target).sum(-1)
+
+
+def _sample_von_mises_fisher(mu: torch.Tensor, kappa: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Exact vMF draw on S^2 from uniforms: mu [N, 3] unit, kappa [N], u [N, 2] -> unit [N, 3].
+
+    w = mu.x follows the closed-form inverse CDF w = 1 + log(u + (1 - u) e^{-2k}) / k (written with
+    log1p/expm1 for small k); the angle around mu is uniform.
+    """
+    kappa = kappa.clamp_min(_MIN_KAPPA)
+    w = (1 + torch.log1p((1 - u[:, 0]) * torch.expm1(-2 * kappa)) / kappa).clamp(-1, 1)
+    angle = 2 * math.pi * u[:, 1]
+    # Orthonormal basis (e1, e2) of the plane orthogonal to mu, from whichever axis is far from mu.
+    x_axis = torch.tensor([1.0, 0.0, 0.0], dtype=mu.dtype, device=mu.device).expand_as(mu)
+    y_axis = torch.tensor([0.0, 1.0, 0.0], dtype=mu.dtype, device=mu.device).expand_as(mu)
+    helper = torch.where(mu[:, :1].abs() < 0.9, x_axis, y_axis)
+    e1 = F.normalize(helper - (helper * mu).sum(-1, keepdim=True) * mu, dim=-1)
+    e2 = torch.linalg.cross(mu, e1)
+    sine = torch.sqrt((1 - w * w).clamp_min(0))
+    return (w[:, None] * mu + sine[:, None] * (torch.cos(angle)[:, None] * e1 + torch.sin(angle)[:, None] * e2))
+
+
+def _scale_to_norm(vectors: torch.Tensor, norm: float | None) -> torch.Tensor:
+    """Rescale rows to the given norm; None or 0 leaves them unchanged (dwi_ml: "if norm:")."""
+    if not norm:
+        return vectors
+    return norm * F.normalize(vectors, dim=-1)
+
+
+class DirectionGetter(nn.Module):
+    """Base class of every head (contract in docs/design.md, "Direction getters").
+
+    Parameters
+    ----------
+    in_size : int
+        Width of the model's hidden vectors.
+    dropout : float
+        Dropout between the two Linear layers of each sub-network, in [0, 1].
+    add_eos : bool
+        Add an end-of-streamline output (a logit, the last raw column; one more class for classification).
+    eos_weight : float
+        Weight of the EOS BCE term in the loss.
+    """
+
+    key: str = ""
+    n_uniforms: int = 0
+    supports_sampling: bool = True
+
+    def __init__(self, in_size: int, dropout: float = 0.0, add_eos: bool = False, eos_weight: float = 1.0):
+        super().__init__()
+        if not 0.0 <= dropout <= 1.0:
+            raise TrackflowError(f"direction getter dropout must be in [0, 1], got {dropout}.")
+        if eos_weight < 0:
+            raise TrackflowError(f"eos_weight must be >= 0, got {eos_weight}.")
+        self.in_size = in_size
+        self.dropout_rate = float(dropout)
+        self.add_eos = bool(add_eos)
+        self.eos_weight = float(eos_weight)
+        self.dropout = nn.Dropout(dropout)
+
+    def _run(self, layers: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
+        return layers[1](self.dropout(F.relu(layers[0](h))))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [N, in_size] -> raw outputs [N, K] (layout: see the class)."""
+        raise NotImplementedError
+
+    def _direction_loss(self, raw: torch.Tensor, target_dirs: torch.Tensor) -> torch.Tensor:
+        """Per-point direction loss [N] for real (non-EOS) targets [N, 3]."""
+        raise NotImplementedError
+
+    def loss(self, raw: torch.Tensor, target_dirs: torch.Tensor,
+             eos_target: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-point loss, never averaged.
+
+        Parameters
+        ----------
+        raw : torch.Tensor
+            [N, K] output of ``forward``.
+        target_dirs : torch.Tensor
+            [N, 3] raw displacements in voxel units (rows where ``eos_target`` is true are ignored).
+        eos_target : torch.Tensor or None
+            [N] bool, true where the streamline ends (None: no row ends). These rows get no direction
+            loss; with ``add_eos`` every row gets ``eos_weight * BCE-with-logits(eos logit, eos_target)``.
+
+        Returns
+        -------
+        torch.Tensor
+            [N].
+        """
+        is_eos = self._eos_rows(raw, eos_target)
+        direction_loss = self._direction_loss(raw, self._placeholder_on_eos(target_dirs, is_eos))
+        loss = torch.where(is_eos, torch.zeros_like(direction_loss), direction_loss)
+        if self.add_eos:
+            eos_bce = F.binary_cross_entropy_with_logits(raw[:, -1], is_eos.to(raw.dtype), reduction="none")
+            loss = loss + self.eos_weight * eos_bce
+        return loss
+
+    @staticmethod
+    def _eos_rows(raw: torch.Tensor, eos_target: torch.Tensor | None) -> torch.Tensor:
+        if eos_target is None:
+            return torch.zeros(raw.shape[0], dtype=torch.bool, device=raw.device)
+        return eos_target.to(device=raw.device, dtype=torch.bool)
+
+    @staticmethod
+    def _placeholder_on_eos(target_dirs: torch.Tensor, is_eos: torch.Tensor) -> torch.Tensor:
+        # A finite dummy direction on EOS rows: torch.where still backpropagates through the masked
+        # branch, so it must not hold NaN (e.g. a zero vector in a normalisation).
+        placeholder = torch.tensor([1.0, 0.0, 0.0], dtype=target_dirs.dtype, device=target_dirs.device)
+        return torch.where(is_eos[:, None], placeholder, target_dirs)
+
+    def deterministic(self, raw: torch.Tensor) -> torch.Tensor:
+        """Most likely direction [N, 3] (unit or raw; the tracker normalises)."""
+        raise NotImplementedError
+
+    def sample_from_uniforms(self, raw: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Direction [N, 3] drawn from the head's distribution; u [N, n_uniforms] in [0, 1) is its only
+        source of randomness."""
+        raise NotImplementedError
+
+    def sample(self, raw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Draw u with ``generator`` (on raw's device) and call ``sample_from_uniforms``."""
+        u = torch.rand(raw.shape[0], self.n_uniforms, generator=generator, device=raw.device, dtype=raw.dtype)
+        return self.sample_from_uniforms(raw, u)
+
+    def eos_probability(self, raw: torch.Tensor) -> torch.Tensor | None:
+        """[N] probability that the streamline ends here (sigmoid of the EOS logit); None without EOS."""
+        if not self.add_eos:
+            return None
+        return torch.sigmoid(raw[:, -1])
+
+    def _extra_args(self) -> dict:
+        return {}
+
+    def dg_args(self) -> dict:
+        """The ``dg_args`` dict of ``parameters.json`` (checkpoints §1.5)."""
+        return {"dropout": self.dropout_rate, "add_eos": self.add_eos, "eos_weight": self.eos_weight,
+                **self._extra_args()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Regression
+
+
+class _RegressionDirectionGetter(DirectionGetter):
+    """Regression of the direction vector. Raw [N, 3 (+1)]: the direction, then the EOS logit.
+
+    ``normalize_outputs``: the raw output (EOS logit included, dwi_ml quirk) is rescaled to this norm.
+    ``normalize_targets``: targets are rescaled to this norm before the loss (no effect on cosine).
+    No sampling: probabilistic tracking needs a distribution.
+    """
+
+    supports_sampling = False
+
+    def __init__(self, in_size: int, dropout: float = 0.0, add_eos: bool = False, eos_weight: float = 1.0,
+                 normalize_targets: float | None = None, normalize_outputs: float | None = None):
+        super().__init__(in_size, dropout, add_eos, eos_weight)
+        self.normalize_targets = normalize_targets
+        self.normalize_outputs = normalize_outputs
+        self.layers = _two_layer_mlp(in_size, 3 + self.add_eos)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return _scale_to_norm(self._run(self.layers, h), self.normalize_outputs)
+
+    def deterministic(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw[:, :3]
+
+    def sample_from_uniforms(self, raw: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        raise TrackflowError(f"{self.key} has no probability distribution: use deterministic tracking.")
+
+    def _extra_args(self) -> dict:
+        return {"normalize_targets": self.normalize_targets, "normalize_outputs": self.normalize_outputs}
+
+    def _cosine_loss(self, raw: torch.Tensor, target_dirs: torch.Tensor) -> torch.Tensor:
+        return 1 - F.cosine_similarity(raw[:, :3], target_dirs, dim=-1)
+
+    def _l2_loss(self, raw: torch.Tensor, target_dirs: torch.Tensor) -> torch.Tensor:
+        targets = _scale_to_norm(target_dirs, self.normalize_targets)
+        return torch.linalg.vector_norm(raw[:, :3] - targets, dim=-1)
+
+
+class CosineRegressionDirectionGetter(_RegressionDirectionGetter):
+    """Loss 1 - cos(output, target)."""
+
+    key = "cosine-regression"
+
+    def _direction_loss(self, raw, target_dirs):
+        return self._cosine_loss(raw, target_dirs)
+
+
+class L2RegressionDirectionGetter(_RegressionDirectionGetter):
+    """Loss ||output - target|| (Euclidean distance, not squared)."""
+
+    key = "l2-regression"
+
+    def _direction_loss(self, raw, target_dirs):
+        return self._l2_loss(raw, target_dirs)
+
+
+class CosinePlusL2RegressionDirectionGetter(_RegressionDirectionGetter):
+    """Loss (1 - cos) + ||output - target||."""
+
+    key = "cosine-plus-l2-regression"
+
+    def _direction_loss(self, raw, target_dirs):
+        return self._cosine_loss(raw, target_dirs) + self._l2_loss(raw, target_dirs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Classification on the sphere
+
+
+class SphereClassificationDirectionGetter(DirectionGetter):
+    """Classification over the vertices of dipy's ``symmetric724`` sphere (file order = class index).
+
+    Raw [N, V (+1)]: logits of the V vertex classes, then the EOS class. Loss: cross-entropy against
+    the vertex of maximal cosine with the target; EOS is one more class of the same softmax, so
+    ``eos_weight`` must be 1. Deterministic: the argmax vertex; sampling: a vertex drawn from the
+    softmax (1 uniform, inverse CDF). Both choose among the V vertices only.
+    ``vertices`` [V, 3] float32 is a non-persistent buffer (rebuilt from dipy, not in the state dict).
+    """
+
+    key = "sphere-classification"
+    n_uniforms = 1
+
+    def __init__(self, in_size: int, dropout: float = 0.0, add_eos: bool = False, eos_weight: float = 1.0,
+                 sphere: str = DEFAULT_SPHERE):
+        super().__init__(in_size, dropout, add_eos, eos_weight)
+        if self.add_eos and self.eos_weight != 1.0:
+            raise TrackflowError("with classification heads EOS is one more class: eos_weight must be 1.0.")
+        try:
+            vertices = get_sphere(name=sphere).vertices
+        except Exception as error:
+            raise TrackflowError(f"unknown dipy sphere {sphere!r}.") from error
+        self.sphere = sphere
+        self.register_buffer("vertices", torch.from_numpy(vertices).to(torch.float32), persistent=False)
+        self.nb_vertices = vertices.shape[0]
+        self.layers = _two_layer_mlp(in_size, self.nb_vertices + self.add_eos)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self._run(self.layers, h)
+
+    def _nearest_vertex(self, target_dirs: torch.Tensor) -> torch.Tensor:
+        """[N] index of the vertex with maximal cosine (the target's norm does not change the argmax)."""
+        return torch.argmax(target_dirs.to(self.vertices.dtype) @ self.vertices.T, dim=-1)
+
+    def loss(self, raw, target_dirs, eos_target=None):
+        is_eos = self._eos_rows(raw, eos_target)
+        safe_targets = self._placeholder_on_eos(target_dirs, is_eos)
+        loss = self._class_loss(raw, safe_targets, is_eos)
+        if not self.add_eos:
+            loss = torch.where(is_eos, torch.zeros_like(loss), loss)
+        return loss
+
+    def _class_loss(self, raw, target_dirs, is_eos):
+        classes = self._nearest_vertex(target_dirs)
+        if self.add_eos:
+            classes = torch.where(is_eos, self.nb_vertices, classes)
+        return F.cross_entropy(raw, classes, reduction="none")
+
+    def deterministic(self, raw):
+        return self.vertices[torch.argmax(raw[:, :self.nb_vertices], dim=-1)]
+
+    def sample_from_uniforms(self, raw, u):
+        return self.vertices[_sample_categorical(raw[:, :self.nb_vertices], u[:, 0])]
+
+    def eos_probability(self, raw):
+        if not self.add_eos:
+            return None
+        return torch.softmax(raw, dim=-1)[:, -1]
+
+    def _extra_args(self) -> dict:
+        # dwi_ml never writes the sphere; only a non-default one needs recording.
+        return {} if self.sphere == DEFAULT_SPHERE else {"sphere": self.sphere}
+
+
+class SmoothSphereClassificationDirectionGetter(SphereClassificationDirectionGetter):
+    """Sphere classification with soft targets (DeepTract style).
+
+    Target distribution over vertices: exp(-angle / 0.1) normalised to sum 1 (angle in radians between
+    the target and each vertex); with EOS it gets one more class, one-hot on EOS rows. Loss: KL(target ||
+    softmax(raw)) summed over classes.
+    """
+
+    key = "smooth-sphere-classification"
+    ANGLE_SCALE = 0.1
+
+    def _class_loss(self, raw, target_dirs, is_eos):
+        cosines = F.normalize(target_dirs.to(self.vertices.dtype), dim=-1) @ self.vertices.T  # [N, V]
+        angles = torch.arccos(cosines.clamp(-1, 1))
+        soft_targets = torch.softmax(-angles / self.ANGLE_SCALE, dim=-1)  # = exp(-a/0.1) / sum
+        if self.add_eos:
+            eos_column = is_eos.to(soft_targets.dtype)[:, None]
+            soft_targets = torch.cat([soft_targets * (1 - eos_column), eos_column], dim=-1)
+        log_probs = F.log_softmax(raw, dim=-1)
+        return (torch.xlogy(soft_targets, soft_targets) - soft_targets * log_probs).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gaussian
+
+
+class _GaussianBase(DirectionGetter):
+    def __init__(self, in_size, dropout=0.0, add_eos=False, eos_weight=1.0, normalize_targets=None):
+        super().__init__(in_size, dropout, add_eos, eos_weight)
+        self.normalize_targets = normalize_targets
+
+    @staticmethod
+    def _log_density(mean: torch.Tensor, log_sigma: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """log N(target; mean, diag(sigma^2)), all [..., 3] -> [...]."""
+        z = (target - mean) * torch.exp(-log_sigma)
+        return -(log_sigma + 0.5 * _LOG_2PI + 0.5 * z * z).sum(-1)
+
+
+class GaussianDirectionGetter(_GaussianBase):
+    """Diagonal 3-D gaussian (submodules ``layers_mean`` [3 (+1 EOS)] and ``layers_sigmas`` [3]).
+
+    Raw [N, 6 (+1)]: mean (3), log sigma (3, = dwi_ml's raw sigma output; sigma = exp), EOS logit.
+    Loss: -log N(target; mean, diag sigma^2) - entropy_weight * entropy (entropy = sum(log sigma) + 1.5
+    log(2 pi e)). Deterministic: the mean; sampling: mean + sigma * Box-Muller normals (4 uniforms).
+    """
+
+    key = "gaussian"
+    n_uniforms = 4
+
+    def __init__(self, in_size: int, dropout: float = 0.0, add_eos: bool = False, eos_weight: float = 1.0,
+                 normalize_targets: float | None = None, entropy_weight: float = 0.0):
+        super().__init__(in_size, dropout, add_eos, eos_weight, normalize_targets)
+        self.entropy_weight = float(entropy_weight)
+        self.layers_mean = _two_layer_mlp(in_size, 3 + self.add_eos)
+        self.layers_sigmas = _two_layer_mlp(in_size, 3)
+
+    def forward(self, h):
+        means = self._run(self.layers_mean, h)
+        return torch.cat([means[:, :3], self._run(self.layers_sigmas, h), means[:, 3:]], dim=-1)
+
+    def _direction_loss(self, raw, target_dirs):
+        mean, log_sigma = raw[:, :3], raw[:, 3:6]
+        loss = -self._log_density(mean, log_sigma, _scale_to_norm(target_dirs, self.normalize_targets))
+        if self.entropy_weight:
+            entropy = log_sigma.sum(-1) + 1.5 * (_LOG_2PI + 1)
+            loss = loss - self.entropy_weight * entropy
+        return loss
+
+    def deterministic(self, raw):
+        return raw[:, :3]
+
+    def sample_from_uniforms(self, raw, u):
+        return raw[:, :3] + torch.exp(raw[:, 3:6]) * _standard_normals(u[:, :4])
+
+    def _extra_args(self):
+        args = {"normalize_targets": self.normalize_targets}
+        if self.entropy_weight:
+            args["entropy_weight"] = self.entropy_weight
+        return args
+
+
+class GaussianMixtureDirectionGetter(_GaussianBase):
+    """Mixture of G diagonal gaussians (``layers_mixture`` [G], ``layers_mean`` [3G (+1 EOS)],
+    ``layers_sigmas`` [3G]).
+
+    Raw [N, 7G (+1)]: mixture logits (G), means (3G, component-major: x, y, z of component 0 first),
+    log sigmas (3G, same order), EOS logit. Loss: -logsumexp_g(log softmax(mix)_g + log N_g(target)).
+    Deterministic: mean of the most probable component; sampling: a component by inverse CDF, then
+    Box-Muller (5 uniforms).
+    """
+
+    key = "gaussian-mixture"
+    n_uniforms = 5
+
+    def __init__(self, in_size: int, dropout: float = 0.0, add_eos: bool = False, eos_weight: float = 1.0,
+                 normalize_targets: float | None = None, nb_gaussians: int = 3):
+        super().__init__(in_size, dropout, add_eos, eos_weight, normalize_targets)
+        if nb_gaussians < 1:
+            raise TrackflowError(f"nb_gaussians must be >= 1, got {nb_gaussians}.")
+        self.nb_gaussians = int(nb_gaussians)
+        self.layers_mixture = _two_layer_mlp(in_size, nb_gaussians)
+        self.layers_mean = _two_layer_mlp(in_size, 3 * nb_gaussians + self.add_eos)
+        self.layers_sigmas = _two_layer_mlp(in_size, 3 * nb_gaussians)
+
+    def forward(self, h):
+        means = self._run(self.layers_mean, h)
+        n_mean_columns = 3 * self.nb_gaussians
+        return torch.cat([self._run(self.layers_mixture, h), means[:, :n_mean_columns],
+                          self._run(self.layers_sigmas, h), means[:, n_mean_columns:]], dim=-1)
+
+    def _split(self, raw):
+        """-> mixture logits [N, G], means [N, G, 3], log sigmas [N, G, 3]."""
+        g = self.nb_gaussians
+        return raw[:, :g], raw[:, g:4 * g].reshape(-1, g, 3), raw[:, 4 * g:7 * g].reshape(-1, g, 3)
+
+    def _direction_loss(self, raw, target_dirs):
+        mixture, means, log_sigmas = self._split(raw)
+        target = _scale_to_norm(target_dirs, self.normalize_targets)[:, None, :]
+        component_log_density = self._log_density(means, log_sigmas, target)  # [N, G]
+        return -torch.logsumexp(F.log_softmax(mixture, dim=-1) + component_log_density, dim=-1)
+
+    def deterministic(self, raw):
+        mixture, means, _ = self._split(raw)
+        return means[torch.arange(raw.shape[0], device=raw.device), torch.argmax(mixture, dim=-1)]
+
+    def sample_from_uniforms(self, raw, u):
+        mixture, means, log_sigmas = self._split(raw)
+        rows = torch.arange(raw.shape[0], device=raw.device)
+        component = _sample_categorical(mixture, u[:, 0])
+        return means[rows, component] + torch.exp(log_sigmas[rows, component]) * _standard_normals(u[:, 1:5])
+
+    def _extra_args(self):
+        return {"normalize_targets": self.normalize_targets, "nb_gaussians": self.nb_gaussians}
+
+
+# ---------------------------------------------------------------------------------------------------
+# von Mises-Fisher
+
+
+class FisherVonMisesDirectionGetter(DirectionGetter):
+    """von Mises-Fisher on the unit sphere (``layers_mean`` [3 (+1 EOS)], ``layers_kappa`` [1]).
+
+    Raw [N, 4 (+1)]: unit mean direction mu (3; the mean network's output normalised), concentration
+    kappa = 20 * sigmoid(raw) in (0, 20) (1), EOS logit. Loss: -log f(unit target; mu, kappa).
+    Deterministic: mu; sampling: exact inverse-CDF draw (2 uniforms).
+    """
+
+    key = "fisher-von-mises"
+    n_uniforms = 2
+
+    def __init__(self, in_size: int, dropout: float = 0.0, add_eos: bool = False, eos_weight: float = 1.0):
+        super().__init__(in_size, dropout, add_eos, eos_weight)
+        self.layers_mean = _two_layer_mlp(in_size, 3 + self.add_eos)
+        self.layers_kappa = _two_layer_mlp(in_size, 1)
+
+    def forward(self, h):
+        means = self._run(self.layers_mean, h)
+        kappa = MAX_KAPPA * torch.sigmoid(self._run(self.layers_kappa, h))
+        return torch.cat([F.normalize(means[:, :3], dim=-1), kappa, means[:, 3:]], dim=-1)
+
+    def _direction_loss(self, raw, target_dirs):
+        return -_von_mises_fisher_log_density(raw[:, :3], raw[:, 3], F.normalize(target_dirs, dim=-1))
+
+    def deterministic(self, raw):
+        return raw[:, :3]
+
+    def sample_from_uniforms(self, raw, u):
+        return _sample_von_mises_fisher(raw[:, :3], raw[:, 3], u[:, :2])
+
+
+class FisherVonMisesMixtureDirectionGetter(DirectionGetter):
+    """Mixture of C von Mises-Fisher distributions (not implemented in dwi_ml; our submodule names:
+    ``layers_mixture`` [C], ``layers_mean`` [3C (+1 EOS)], ``layers_kappa`` [C]).
+
+    Raw [N, 5C (+1)]: mixture logits (C), unit means (3C, component-major), kappas in (0, 20) (C), EOS
+    logit. Loss: -logsumexp_c(log softmax(mix)_c + log f_c(unit target)). Deterministic: mean of the most
+    probable component; sampling: component by inverse CDF, then the exact vMF draw (3 uniforms).
+    """
+
+    key = "fisher-von-mises-mixture"
+    n_uniforms = 3
+
+    def __init__(self, in_size: int, dropout: float = 0.0, add_eos: bool = False, eos_weight: float = 1.0,
+                 n_cluster: int = 3):
+        super().__init__(in_size, dropout, add_eos, eos_weight)
+        if n_cluster < 1:
+            raise TrackflowError(f"n_cluster must be >= 1, got {n_cluster}.")
+        self.n_cluster = int(n_cluster)
+        self.layers_mixture = _two_layer_mlp(in_size, n_cluster)
+        self.layers_mean = _two_layer_mlp(in_size, 3 * n_cluster + self.add_eos)
+        self.layers_kappa = _two_layer_mlp(in_size, n_cluster)
+
+    def forward(self, h):
+        c = self.n_cluster
+        means = self._run(self.layers_mean, h)
+        unit_means = F.normalize(means[:, :3 * c].reshape(-1, c, 3), dim=-1).reshape(-1, 3 * c)
+        kappas = MAX_KAPPA * torch.sigmoid(self._run(self.layers_kappa, h))
+        return torch.cat([self._run(self.layers_mixture, h), unit_means, kappas, means[:, 3 * c:]], dim=-1)
+
+    def _split(self, raw):
+        """-> mixture logits [N, C], unit means [N, C, 3], kappas [N, C]."""
+        c = self.n_cluster
+        return raw[:, :c], raw[:, c:4 * c].reshape(-1, c, 3), raw[:, 4 * c:5 * c]
+
+    def _direction_loss(self, raw, target_dirs):
+        mixture, means, kappas = self._split(raw)
+        unit_target = F.normalize(target_dirs, dim=-1)[:, None, :]
+        component_log_density = _von_mises_fisher_log_density(means, kappas, unit_target)  # [N, C]
+        return -torch.logsumexp(F.log_softmax(mixture, dim=-1) + component_log_density, dim=-1)
+
+    def deterministic(self, raw):
+        mixture, means, _ = self._split(raw)
+        return means[torch.arange(raw.shape[0], device=raw.device), torch.argmax(mixture, dim=-1)]
+
+    def sample_from_uniforms(self, raw, u):
+        mixture, means, kappas = self._split(raw)
+        rows = torch.arange(raw.shape[0], device=raw.device)
+        component = _sample_categorical(mixture, u[:, 0])
+        return _sample_von_mises_fisher(means[rows, component], kappas[rows, component], u[:, 1:3])
+
+    def _extra_args(self):
+        return {"n_cluster": self.n_cluster}
+
+
+_HEADS = {cls.key: cls for cls in (
+    CosineRegressionDirectionGetter, L2RegressionDirectionGetter, CosinePlusL2RegressionDirectionGetter,
+    SphereClassificationDirectionGetter, SmoothSphereClassificationDirectionGetter,
+    GaussianDirectionGetter, GaussianMixtureDirectionGetter,
+    FisherVonMisesDirectionGetter, FisherVonMisesMixtureDirectionGetter)}
+
+DIRECTION_GETTER_KEYS = list(_HEADS)
+
+
+def make_direction_getter(key: str, in_size: int, dg_args: dict) -> DirectionGetter:
+    """Build the head named ``key`` (``parameters.json`` ``dg_key``) from its ``dg_args``.
+
+    Keys the head does not take (e.g. ``normalize_outputs`` written for a gaussian by hand) are ignored
+    with a debug log, like unknown model parameters; a null value for an option whose default is not
+    None (e.g. ``"nb_gaussians": null``) means that default.
+    """
+    if key not in _HEADS:
+        raise TrackflowError(f"unknown direction getter {key!r}; expected one of {DIRECTION_GETTER_KEYS}.")
+    head_class = _HEADS[key]
+    parameters = inspect.signature(head_class.__init__).parameters
+    kwargs = {}
+    for name, value in (dg_args or {}).items():
+        if name in ("self", "in_size") or name not in parameters:
+            logger.debug("direction getter %s ignores dg_args key %r", key, name)
+        elif value is not None or parameters[name].default is None:
+            kwargs[name] = value
+    return head_class(in_size, **kwargs)
