@@ -1,0 +1,388 @@
+"""After tracking: length filtering with a counts TSV, and the cohort summary (one table, a few plots).
+
+``filter_tractogram_by_length`` (``trackflow_filter_by_length``) filters with scilpy's own
+``filter_streamlines_by_length`` on a tractogram loaded by dipy, so ``.trx`` works (scilpy's scripts refuse
+it), and writes one TSV row of counts and length statistics (mm).
+
+``summarize_cohort`` gathers, from plain file lists (what the Snakemake rule passes), one row per subject
+and model: the filter counts and lengths, the ``trackflow_score`` metrics and the Snakemake benchmark times
+and memory of each step. ``write_cohort_summary`` writes the table (TSV) and the figures.
+
+Path conventions (the workflow's, see ``workflow/rules``): scores are ``<...>/<subject>/<model>.json``;
+benchmarks are ``<...>/benchmarks/<step>/<subject>/<model>.tsv`` or, for per-model steps such as training,
+``<...>/benchmarks/<step>/<model>.tsv``; tractograms for the length histograms are
+``<...>/<subject>/<model>.<trk|tck|trx>``.
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from dipy.io.streamline import load_tractogram, save_tractogram
+
+from trackflow.cli.common import atomic_output, check_inputs, check_outputs
+from trackflow.data.streamlines import euclidean_lengths
+from trackflow.errors import TrackflowError
+
+LOGGER = logging.getLogger(__name__)
+
+KEYS = ["subject", "model"]
+COUNT_COLUMNS = ["n_before", "n_after", "mean_length_before_mm", "median_length_before_mm",
+                 "mean_length_after_mm", "median_length_after_mm"]
+SCORE_COLUMNS = ["VB", "IB", "VS", "IS", "NC", "VS_ratio", "IS_ratio", "NC_ratio", "OL", "OR", "F1"]
+BUNDLE_METRICS = ["OL", "OR", "F1"]
+# Names of the figures `write_cohort_summary` can draw (the keys of its plot_paths).
+PLOTS = ("streamline_counts", "lengths", "bundle_scores", "overall_scores")
+
+
+# ---------------------------------------------------------------------------------------------- filtering
+def load_tractogram_file(path, reference=None):
+    """A .trk, .trx or .tck (``reference`` needed for .tck only) as a dipy StatefulTractogram.
+
+    Unreadable or incompatible files raise ``TrackflowError``; no bounding-box check (tracked streamlines
+    may end one step outside the volume).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TrackflowError(f"tractogram {path} does not exist")
+    if path.suffix.lower() == ".tck" and reference is None:
+        raise TrackflowError(f"{path} is a .tck file: give --reference (an image of its grid)")
+    try:
+        return load_tractogram(str(path), reference if reference is not None else "same", bbox_valid_check=False)
+    except Exception as e:  # dipy raises many types for unreadable or incompatible files
+        raise TrackflowError(f"cannot read tractogram {path}: {e}") from None
+
+
+def _length_stats(lengths_mm: np.ndarray, when: str) -> dict:
+    empty = len(lengths_mm) == 0
+    return {f"mean_length_{when}_mm": np.nan if empty else float(np.mean(lengths_mm)),
+            f"median_length_{when}_mm": np.nan if empty else float(np.median(lengths_mm))}
+
+
+def filter_tractogram_by_length(in_tractogram, out_tractogram, out_counts, min_length: float = 0.0,
+                                max_length: float = np.inf, subject: str | None = None, model: str | None = None,
+                                reference=None, overwrite: bool = False) -> dict:
+    """Keep streamlines with ``min_length <= length <= max_length`` (mm) and write their counts.
+
+    Parameters
+    ----------
+    in_tractogram, out_tractogram : path
+        ``.trk``, ``.trx`` or ``.tck`` (with ``reference``); per-streamline and per-point data are kept.
+    out_counts : path
+        One-row TSV: subject, model, n_before, n_after, mean/median length before and after (mm; NA when
+        there is no streamline).
+    min_length, max_length : float
+        Bounds in mm, inclusive (scilpy's rule).
+    subject, model : str or None
+        Row labels; default: the input's folder name and file stem (``<subject>/<model>.trk``).
+    reference : path or None
+        Image of the grid, for ``.tck`` only.
+
+    Returns
+    -------
+    dict
+        The TSV row.
+    """
+    in_tractogram, out_tractogram, out_counts = Path(in_tractogram), Path(out_tractogram), Path(out_counts)
+    check_inputs([in_tractogram, reference])
+    check_outputs([out_tractogram, out_counts], overwrite)
+    if not 0 <= min_length <= max_length:
+        raise TrackflowError(f"lengths must satisfy 0 <= --minL <= --maxL, got {min_length} and {max_length}")
+    if out_tractogram.suffix.lower() == ".tck" and in_tractogram.suffix.lower() != ".tck":
+        LOGGER.warning("writing .tck: per-streamline and per-point data are dropped")
+    # scilpy's import pulls vtk (about 1.5 s): only filtering needs it.
+    from scilpy.tractograms.streamline_operations import filter_streamlines_by_length
+
+    sft = load_tractogram_file(in_tractogram, reference)
+    sft.to_rasmm()
+    lengths_before = euclidean_lengths(sft.streamlines)
+    filtered, _ = filter_streamlines_by_length(sft, min_length, max_length)
+    lengths_after = euclidean_lengths(filtered.streamlines)
+    row = {"subject": subject if subject is not None else in_tractogram.parent.name,
+           "model": model if model is not None else in_tractogram.name.split(".")[0],
+           "n_before": len(lengths_before), "n_after": len(lengths_after),
+           **_length_stats(lengths_before, "before"), **_length_stats(lengths_after, "after")}
+    with atomic_output(out_tractogram) as tmp:
+        save_tractogram(filtered, str(tmp), bbox_valid_check=False)
+    with atomic_output(out_counts) as tmp:
+        pd.DataFrame([row], columns=KEYS + COUNT_COLUMNS).to_csv(tmp, sep="\t", index=False, na_rep="NA")
+    LOGGER.info("kept %d of %d streamlines (%g-%g mm): %s", row["n_after"], row["n_before"], min_length,
+                max_length, out_tractogram)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- cohort table
+@dataclass
+class CohortSummary:
+    """Everything the cohort report shows.
+
+    Attributes
+    ----------
+    table : DataFrame
+        One row per (subject, model), sorted; columns ``KEYS``, ``COUNT_COLUMNS``, the ``SCORE_COLUMNS``
+        present in the scores, then ``<step>_s`` and ``<step>_max_rss_mb`` per benchmarked step.
+    bundle_scores : DataFrame
+        Long format: subject, model, bundle, VS, OL, OR, F1 (empty without scores).
+    lengths : dict
+        model -> ndarray of streamline lengths (mm), all subjects pooled (empty without tractograms).
+    """
+
+    table: pd.DataFrame
+    bundle_scores: pd.DataFrame
+    lengths: dict
+
+
+def _paths(files) -> list[Path]:
+    """A list of paths; Snakemake gives a plain string for a named input holding one file."""
+    return [Path(files)] if isinstance(files, (str, Path)) else [Path(f) for f in files]
+
+
+def _subject_and_model(path: Path) -> tuple[str, str]:
+    """(subject, model) of ``<...>/<subject>/<model>.<ext>``."""
+    return path.parent.name, path.name.split(".")[0]
+
+
+def _read_counts(files) -> pd.DataFrame:
+    frames = []
+    for path in _paths(files):
+        try:
+            frame = pd.read_csv(path, sep="\t", dtype={"subject": str, "model": str})
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise TrackflowError(f"cannot read counts file {path}: {e}") from None
+        missing = [c for c in KEYS + COUNT_COLUMNS if c not in frame.columns]
+        if missing:
+            raise TrackflowError(f"counts file {path} lacks column(s) {missing} (not written by "
+                                 "trackflow_filter_by_length?)")
+        frames.append(frame[KEYS + COUNT_COLUMNS])
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=KEYS + COUNT_COLUMNS)
+    duplicated = table.duplicated(KEYS)
+    if duplicated.any():
+        first = table[duplicated].iloc[0]
+        raise TrackflowError(f"two counts files for subject {first['subject']} and model {first['model']}")
+    return table
+
+
+def _read_scores(files) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(overall scores, one row per subject/model; per-bundle scores, long format)."""
+    overall, per_bundle = [], []
+    for path in _paths(files):
+        try:
+            scores = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise TrackflowError(f"cannot read scores file {path}: {e}") from None
+        subject, model = _subject_and_model(path)
+        overall.append({"subject": subject, "model": model,
+                        **{k: scores[k] for k in SCORE_COLUMNS if k in scores}})
+        for bundle, metrics in scores.get("bundles", {}).items():
+            per_bundle.append({"subject": subject, "model": model, "bundle": bundle,
+                               **{k: metrics.get(k, np.nan) for k in ["VS"] + BUNDLE_METRICS}})
+    overall = pd.DataFrame(overall, columns=KEYS + SCORE_COLUMNS)
+    present = [c for c in SCORE_COLUMNS if overall[c].notna().any()]
+    return overall[KEYS + present], pd.DataFrame(per_bundle, columns=KEYS + ["bundle", "VS"] + BUNDLE_METRICS)
+
+
+def _read_benchmarks(files) -> pd.DataFrame:
+    """Per step: wall time (s, mean over repeats) and peak memory (MB, max over repeats).
+
+    Rows of per-model steps (``benchmarks/<step>/<model>.tsv``) have subject NaN (they apply to every
+    subject of the model).
+    """
+    records = []
+    for path in _paths(files):
+        if path.parent.parent.name == "benchmarks":
+            step, subject, model = path.parent.name, None, path.name.split(".")[0]
+        elif path.parent.parent.parent.name == "benchmarks":
+            step, (subject, model) = path.parent.parent.name, _subject_and_model(path)
+        else:
+            raise TrackflowError(f"benchmark file {path} is not under benchmarks/<step>/[<subject>/]")
+        try:
+            bench = pd.read_csv(path, sep="\t")
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise TrackflowError(f"cannot read benchmark file {path}: {e}") from None
+        if "s" not in bench.columns or "max_rss" not in bench.columns:
+            raise TrackflowError(f"benchmark file {path} lacks the columns s and max_rss")
+        # Snakemake writes "NA" for memory it could not measure (very short jobs).
+        max_rss = pd.to_numeric(bench["max_rss"], errors="coerce")
+        records.append({"subject": subject, "model": model, "step": step, "s": float(bench["s"].mean()),
+                        "max_rss_mb": float(max_rss.max())})
+    return pd.DataFrame(records, columns=KEYS + ["step", "s", "max_rss_mb"])
+
+
+def tractogram_lengths_mm(path) -> np.ndarray:
+    """Streamline lengths (mm) of a .trk, .tck or .trx file (no reference needed: points are read in RASMM)."""
+    path = Path(path)
+    if path.suffix.lower() == ".trx":
+        sft = load_tractogram_file(path)
+        sft.to_rasmm()
+        streamlines = sft.streamlines
+    else:
+        try:
+            streamlines = nib.streamlines.load(str(path)).streamlines  # nibabel returns RASMM points
+        except Exception as e:  # nibabel raises many types for unreadable files
+            raise TrackflowError(f"cannot read tractogram {path}: {e}") from None
+    return euclidean_lengths(streamlines)
+
+
+def summarize_cohort(counts_files, score_files=(), benchmark_files=(), tractogram_files=()) -> CohortSummary:
+    """One row per subject and model from the per-tractogram files of the workflow.
+
+    Parameters
+    ----------
+    counts_files : list of path
+        TSVs of ``trackflow_filter_by_length`` (they define the rows).
+    score_files : list of path
+        ``trackflow_score`` JSONs, ``<subject>/<model>.json``.
+    benchmark_files : list of path
+        Snakemake benchmark TSVs, ``benchmarks/<step>/<subject>/<model>.tsv`` or
+        ``benchmarks/<step>/<model>.tsv``.
+    tractogram_files : list of path
+        Filtered tractograms ``<subject>/<model>.<ext>``, for the length histograms.
+
+    Returns
+    -------
+    CohortSummary
+    """
+    table = _read_counts(counts_files)
+    if table.empty:
+        raise TrackflowError("no counts file given: the summary has no row")
+    overall, bundle_scores = _read_scores(score_files)
+    unknown = overall.merge(table[KEYS], how="left", indicator=True).query("_merge == 'left_only'")
+    if not unknown.empty:
+        raise TrackflowError(f"scores for subject {unknown.iloc[0]['subject']} and model "
+                             f"{unknown.iloc[0]['model']} have no counts file")
+    table = table.merge(overall, on=KEYS, how="left")
+
+    benchmarks = _read_benchmarks(benchmark_files)
+    for step, rows in benchmarks.groupby("step", sort=True):
+        per_model = rows["subject"].isna()
+        if per_model.any() != per_model.all():
+            raise TrackflowError(f"benchmarks of step {step} mix per-model and per-subject files")
+        keys = ["model"] if per_model.all() else KEYS
+        if rows.duplicated(keys).any():
+            raise TrackflowError(f"two benchmark files of step {step} for the same {' and '.join(keys)}")
+        values = rows[keys + ["s", "max_rss_mb"]].rename(
+            columns={"s": f"{step}_s", "max_rss_mb": f"{step}_max_rss_mb"})
+        table = table.merge(values, on=keys, how="left")
+
+    lengths = {}
+    for path in _paths(tractogram_files):
+        _, model = _subject_and_model(path)
+        lengths.setdefault(model, []).append(tractogram_lengths_mm(path))
+    lengths = {model: np.concatenate(parts) for model, parts in sorted(lengths.items())}
+    return CohortSummary(table.sort_values(KEYS, ignore_index=True), bundle_scores, lengths)
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def _no_data(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what}", ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def _plot_counts(summary: CohortSummary):
+    table = summary.table
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(table)), 4.5))
+    labels = table["subject"] + "\n" + table["model"]
+    ax.bar(labels, table["n_before"], color="lightgray", label="tracked (before length filtering)")
+    ax.bar(labels, table["n_after"], color="tab:blue", label="kept (after length filtering)")
+    ax.set_title("Streamlines per subject and model")
+    ax.set_xlabel("subject / model")
+    ax.set_ylabel("number of streamlines")
+    ax.margins(y=0.3)  # room for the legend above the bars
+    ax.legend(loc="upper right")
+    return fig
+
+
+def _plot_lengths(summary: CohortSummary):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if not summary.lengths:
+        _no_data(ax, "tractogram given")
+        return fig
+    everything = np.concatenate(list(summary.lengths.values()))
+    bins = np.linspace(0.0, max(float(everything.max()) if len(everything) else 1.0, 1.0), 50)
+    for model, lengths in summary.lengths.items():
+        ax.hist(lengths, bins=bins, histtype="step", linewidth=1.5, label=f"{model} (n = {len(lengths)})")
+    ax.set_title("Streamline lengths per model (all subjects, after filtering)")
+    ax.set_xlabel("streamline length (mm)")
+    ax.set_ylabel("number of streamlines")
+    ax.legend()
+    return fig
+
+
+def _grouped_bars(ax, means: pd.DataFrame, errors: pd.DataFrame | None) -> None:
+    """Bars of ``means`` (index = groups on x, columns = series), with optional error bars."""
+    n_series = len(means.columns)
+    width = 0.8 / n_series
+    x = np.arange(len(means.index))
+    for k, series in enumerate(means.columns):
+        ax.bar(x + (k - (n_series - 1) / 2) * width, means[series], width, label=str(series),
+               yerr=None if errors is None else errors[series].fillna(0.0), capsize=3)
+    ax.set_xticks(x, [str(i) for i in means.index])
+
+
+def _plot_bundle_scores(summary: CohortSummary):
+    scores = summary.bundle_scores
+    fig, axes = plt.subplots(len(BUNDLE_METRICS), 1, figsize=(max(7.0, 0.9 * scores["bundle"].nunique()), 9),
+                             squeeze=False)
+    for ax, metric in zip(axes[:, 0], BUNDLE_METRICS):
+        if scores.empty:
+            _no_data(ax, "scores")
+            continue
+        grouped = scores.groupby(["bundle", "model"])[metric]
+        _grouped_bars(ax, grouped.mean().unstack("model"), grouped.std().unstack("model"))
+        ax.set_title(f"{metric} per bundle (mean ± std over subjects)")
+        ax.set_xlabel("bundle")
+        ax.set_ylabel(f"{metric} (fraction of the bundle volume)" if metric != "F1" else "F1 (Dice, 0-1)")
+        ax.legend(title="model")
+    return fig
+
+
+def _plot_overall_scores(summary: CohortSummary):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    present = [m for m in BUNDLE_METRICS if m in summary.table.columns]
+    if not present:
+        _no_data(ax, "scores")
+        return fig
+    grouped = summary.table.groupby("model")[present]
+    _grouped_bars(ax, grouped.mean().T, grouped.std().T)
+    ax.set_title("Overall scores per model (mean ± std over subjects)")
+    ax.set_xlabel("metric (OL overlap, OR overreach, F1 Dice)")
+    ax.set_ylabel("score (fraction, 0-1 for OL and F1)")
+    ax.legend(title="model")
+    return fig
+
+
+_PLOTTERS = {"streamline_counts": _plot_counts, "lengths": _plot_lengths, "bundle_scores": _plot_bundle_scores,
+             "overall_scores": _plot_overall_scores}
+
+
+def write_cohort_summary(summary: CohortSummary, table_path, plot_paths: dict, overwrite: bool = True) -> None:
+    """Write the table (TSV, NA for missing values) and the figures named in ``plot_paths`` (PNG).
+
+    Parameters
+    ----------
+    plot_paths : dict
+        Plot name (one of ``PLOTS``) -> output path; names left out are not drawn.
+    overwrite : bool
+        Snakemake removes outputs before running a job, so the workflow's default is True.
+    """
+    unknown = sorted(set(plot_paths) - set(PLOTS))
+    if unknown:
+        raise TrackflowError(f"unknown plot name(s) {unknown}; expected some of {list(PLOTS)}")
+    check_outputs([table_path, *plot_paths.values()], overwrite)
+    matplotlib.use("Agg")  # files only; no display needed
+    with atomic_output(table_path) as tmp:
+        summary.table.to_csv(tmp, sep="\t", index=False, na_rep="NA", float_format="%.6g")
+    LOGGER.info("%d rows written to %s", len(summary.table), table_path)
+    for name, path in plot_paths.items():
+        fig = _PLOTTERS[name](summary)
+        fig.tight_layout()
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        LOGGER.info("wrote %s", path)
