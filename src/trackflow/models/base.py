@@ -1,0 +1,210 @@
+"""``MainModel``: what every trackflow model shares (checkpoint parameters, inputs, tracking interface).
+
+The constructor keywords are the keys of dwi_ml's ``parameters.json`` (``dwi_ml-checkpoints.md`` §1.2), so
+``cls(**json.load(f))`` rebuilds a model; ``params_for_checkpoint()`` gives them back. Subclasses
+(``Learn2TrackModel``, the transformers) add their own keys, build their layers, then call
+``_build_direction_getter(in_size)``.
+
+The tracking interface (``new_tracking_state``, ``tracking_step``, ``reset_tracking_rows``) is the only thing
+the tracker knows about a model; see ``docs/design.md`` ("Models") for the slot invariant.
+"""
+
+import abc
+import logging
+
+import torch
+from torch import nn
+
+from trackflow.errors import TrackflowError
+from trackflow.geometry.interpolation import interpolate_trilinear
+from trackflow.geometry.neighborhood import neighborhood_offsets
+from trackflow.models.direction_getters import make_direction_getter
+from trackflow.models.embeddings import make_embedding
+
+LOGGER = logging.getLogger(__name__)
+
+
+class MainModel(nn.Module, abc.ABC):
+    """Base of every model: common ``parameters.json`` keys, input computation, tracking interface.
+
+    Parameters
+    ----------
+    experiment_name : str or None
+    step_size, compress_lines, nb_points : float, float|bool, int or None
+        The streamline preprocessing the model was trained with; at most one is set.
+    input_embedding_key : {'no_embedding', 'nn_embedding', 'cnn_embedding'}
+    input_embedded_size : int or None
+        As given by the user (None for no/cnn embedding), not the computed size.
+    kernel_size, nb_cnn_filters : list of int or None
+        CNN embedding only (one entry per Conv3d layer).
+    neighborhood_type : {None, 'axes', 'grid'}
+    neighborhood_radius : int or None
+    neighborhood_resolution : float or None
+        In voxel units.
+    dg_key : str
+        Direction-getter (head) name.
+    dg_args : dict or None
+        Head keyword arguments (``dropout``, ``add_eos``, ``eos_weight``, head extras).
+    nb_features : int
+        F, the number of features of the input volume.
+    **unknown_params
+        Keys this class does not know (e.g. dwi_ml's ``log_level``); ignored with a debug log.
+
+    Attributes
+    ----------
+    input_size : int
+        Fin = F * M, the width of ``compute_inputs`` rows.
+    input_embedding_layer : nn.Module
+        Fin -> E, with ``.out_size`` = E.
+    neighborhood_offsets : Tensor[M, 3] or None
+        Non-persistent buffer (not in the state dict, as in dwi_ml); follows ``.to(device)``.
+    direction_getter : DirectionGetter
+        Set by the subclass through ``_build_direction_getter``.
+    """
+
+    def __init__(self, *, experiment_name=None, step_size=None, compress_lines=False, nb_points=None,
+                 input_embedding_key="no_embedding", input_embedded_size=None, kernel_size=None,
+                 nb_cnn_filters=None, neighborhood_type=None, neighborhood_radius=None,
+                 neighborhood_resolution=None, dg_key="cosine-regression", dg_args=None,
+                 nb_features=None, **unknown_params):
+        super().__init__()
+        if unknown_params:
+            LOGGER.debug("%s: ignoring unknown parameters %s", type(self).__name__, sorted(unknown_params))
+        if isinstance(nb_features, bool) or not isinstance(nb_features, int) or nb_features < 1:
+            raise TrackflowError(f"nb_features must be a positive integer, got {nb_features!r}")
+        preprocessing = {"step_size": step_size, "compress_lines": compress_lines, "nb_points": nb_points}
+        chosen = [k for k, v in preprocessing.items() if v not in (None, False)]
+        if len(chosen) > 1:
+            raise TrackflowError(f"only one of step_size, compress_lines, nb_points may be set, got {chosen}")
+        if neighborhood_type is None and (neighborhood_radius is not None
+                                          or neighborhood_resolution is not None):
+            raise TrackflowError("neighborhood_radius/resolution were given without a neighborhood_type")
+
+        self.experiment_name = experiment_name
+        self.step_size = step_size
+        self.compress_lines = compress_lines
+        self.nb_points = nb_points
+        self.input_embedding_key = input_embedding_key
+        self.input_embedded_size = input_embedded_size
+        self.kernel_size = kernel_size
+        self.nb_cnn_filters = nb_cnn_filters
+        self.neighborhood_type = neighborhood_type
+        self.neighborhood_radius = neighborhood_radius
+        self.neighborhood_resolution = neighborhood_resolution
+        self.dg_key = dg_key
+        self.nb_features = nb_features
+
+        if neighborhood_type is None:
+            offsets = None  # origin only: interpolate without offsets
+            nb_neighbors = 1
+        else:
+            # Validates the type, radius and resolution.
+            offsets = neighborhood_offsets(neighborhood_type, neighborhood_radius, neighborhood_resolution)
+            nb_neighbors = offsets.shape[0]
+        # Rebuilt from the parameters, so kept out of the state dict (dwi_ml's layout has no such key).
+        self.register_buffer("neighborhood_offsets", offsets, persistent=False)
+        self.input_size = nb_features * nb_neighbors  # Fin
+
+        self.input_embedding_layer = make_embedding(
+            input_embedding_key, self.input_size, input_embedded_size, nb_features=nb_features,
+            neighborhood_type=neighborhood_type, neighborhood_radius=neighborhood_radius,
+            neighborhood_resolution=neighborhood_resolution, nb_cnn_filters=nb_cnn_filters,
+            kernel_size=kernel_size)
+        self._dg_args = dict(dg_args or {})
+        self.direction_getter = None
+
+    def _build_direction_getter(self, in_size: int) -> None:
+        """Create ``self.direction_getter`` (prefix ``direction_getter.``) on ``in_size`` features."""
+        self.direction_getter = make_direction_getter(self.dg_key, in_size, self._dg_args)
+
+    def params_for_checkpoint(self) -> dict:
+        """The constructor keywords as written in ``parameters.json`` (common keys; subclasses add theirs)."""
+        return {
+            "experiment_name": self.experiment_name,
+            "step_size": self.step_size,
+            "compress_lines": self.compress_lines,
+            "nb_points": self.nb_points,
+            "input_embedding_key": self.input_embedding_key,
+            "input_embedded_size": self.input_embedded_size,
+            "kernel_size": self.kernel_size,
+            "nb_cnn_filters": self.nb_cnn_filters,
+            "neighborhood_type": self.neighborhood_type,
+            "neighborhood_radius": self.neighborhood_radius,
+            "neighborhood_resolution": self.neighborhood_resolution,
+            "dg_key": self.dg_key,
+            "dg_args": self.direction_getter.dg_args(),
+            "nb_features": self.nb_features,
+        }
+
+    @classmethod
+    def convert_loaded_state_dict(cls, state_dict: dict, params: dict) -> dict:
+        """Hook called by the loader before strict loading: turn a dwi_ml state dict into ours.
+
+        The default is the identity; transformers override it (e.g. to pack separate q/k/v weights).
+        """
+        return state_dict
+
+    def compute_inputs(self, volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """Model inputs at points: trilinear interpolation of the volume at each neighbour.
+
+        Parameters
+        ----------
+        volume : Tensor[X, Y, Z, F]
+        points : Tensor[N, 3]
+            vox/corner coordinates.
+
+        Returns
+        -------
+        Tensor[N, M*F]
+            Neighbour-major (origin first); M = 1 without a neighbourhood.
+        """
+        return interpolate_trilinear(volume, points, self.neighborhood_offsets)
+
+    @abc.abstractmethod
+    def forward(self, inputs: list, streamlines: list) -> torch.Tensor:
+        """Whole-sequence raw head outputs.
+
+        Parameters
+        ----------
+        inputs : list of Tensor[T_i, Fin]
+        streamlines : list of Tensor[T_i, 3]
+            Coordinates of the input rows (vox/corner).
+
+        Returns
+        -------
+        Tensor[sum T_i, K]
+            One row per input row, concatenated in input order.
+        """
+
+    @abc.abstractmethod
+    def new_tracking_state(self, volume: torch.Tensor, n_slots: int, max_points: int):
+        """A preallocated tracking state with ``n_slots`` slots on the volume's device."""
+
+    @abc.abstractmethod
+    def tracking_step(self, state, rows: torch.Tensor, points: torch.Tensor,
+                      lengths: torch.Tensor) -> torch.Tensor:
+        """Consume the last point of each row's streamline; return the head output there.
+
+        Parameters
+        ----------
+        state : the object returned by ``new_tracking_state``
+        rows : LongTensor[B]
+            Slot indices.
+        points : Tensor[B, T, 3]
+            The rows' current streamlines, padded (vox/corner).
+        lengths : LongTensor[B]
+            Number of real points per row (>= 1).
+
+        Returns
+        -------
+        Tensor[B, K]
+        """
+
+    @abc.abstractmethod
+    def reset_tracking_rows(self, state, rows: torch.Tensor, points: torch.Tensor,
+                            lengths: torch.Tensor) -> None:
+        """Make the rows' state equal to having consumed ``points[b, :lengths[b]-1]``.
+
+        ``lengths == 1`` is a plain reset (new seed); longer prefixes rebuild the state (backward half).
+        Shapes as in ``tracking_step``.
+        """
