@@ -1,0 +1,151 @@
+"""The experiment folder written by training (spec dwi_ml.md §5.5)::
+
+    <experiments_path>/<experiment_name>/
+      parameters_<dd-mm-YYYY_HHhMM>.json, parameters_latest.json
+      best_epoch_losses.json
+      best_model/        parameters.json  model_type.txt  model_state.pkl
+      checkpoint/        checkpoint_state.pkl  model/{parameters.json, model_type.txt, model_state.pkl}
+      logs/              <monitor>_per_epoch.npy, <monitor>_duration.npy
+
+Model directories are written by ``trackflow.models.persistence.save_model_dir``. Directories are replaced
+atomically (written under a temporary name, then renamed; ``checkpoint/`` as a whole, model and trainer
+state together), so a run killed while saving leaves the previous checkpoint intact.
+``checkpoint_state.pkl`` holds only tensors, numbers, strings, lists and dicts: it loads with
+``torch.load(..., weights_only=True)``.
+"""
+
+import datetime
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trackflow.cli.common import atomic_output
+from trackflow.errors import TrackflowError
+from trackflow.models.persistence import save_model_dir
+
+# Trainer monitor name -> file name in logs/ (dwi_ml's names).
+LOG_FILES = {
+    "train_loss": "train_loss_monitor_per_epoch.npy",
+    "valid_loss": "valid_local_loss_monitor_per_epoch.npy",
+    "unclipped_grad_norm": "unclipped_grad_norm_monitor_per_epoch.npy",
+    "grad_norm": "grad_norm_monitor_per_epoch.npy",
+    "training_time": "training_time_monitor_duration.npy",
+    "validation_time": "validation_time_monitor_duration.npy",
+}
+
+
+class ExperimentFolder:
+    """Paths and readers/writers of one experiment folder."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.best_model_dir = self.path / "best_model"
+        self.checkpoint_dir = self.path / "checkpoint"
+        self.checkpoint_model_dir = self.checkpoint_dir / "model"
+        self.checkpoint_state_file = self.checkpoint_dir / "checkpoint_state.pkl"
+        self.logs_dir = self.path / "logs"
+        self.best_epoch_losses_file = self.path / "best_epoch_losses.json"
+        self.latest_parameters_file = self.path / "parameters_latest.json"
+
+    @classmethod
+    def check_new(cls, experiments_path, experiment_name: str, overwrite: bool) -> "ExperimentFolder":
+        """Check that a new experiment can be created (nothing is written yet)."""
+        experiments_path = Path(experiments_path)
+        if not experiments_path.is_dir():
+            raise TrackflowError(f"experiments path {experiments_path} does not exist")
+        folder = cls(experiments_path / experiment_name)
+        if folder.path.exists() and not overwrite:
+            raise TrackflowError(f"experiment {folder.path} already exists (use -f to replace it, or the "
+                                 "resume script to continue it)")
+        return folder
+
+    def create(self) -> None:
+        """Create the (empty) folder, replacing an existing one; call after every input check passed."""
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.logs_dir.mkdir(parents=True)
+
+    @classmethod
+    def open_existing(cls, experiments_path, experiment_name: str) -> "ExperimentFolder":
+        folder = cls(Path(experiments_path) / experiment_name)
+        if not folder.checkpoint_state_file.is_file():
+            raise TrackflowError(f"{folder.path} is not an experiment with a checkpoint "
+                                 f"(missing {folder.checkpoint_state_file})")
+        return folder
+
+    # ------------------------------------------------------------------ parameters
+    def write_parameters(self, parameters: dict) -> Path:
+        """Write ``parameters_<date>.json`` (one per start or resume) and its copy ``parameters_latest.json``."""
+        now = datetime.datetime.now()
+        parameters = {"Date": now.strftime("%d %B %Y %H:%M:%S"), **parameters}
+        text = json.dumps(parameters, indent=4, allow_nan=False)
+        dated = self.path / f"parameters_{now.strftime('%d-%m-%Y_%Hh%M')}.json"
+        for target in (dated, self.latest_parameters_file):
+            with atomic_output(target) as tmp:
+                tmp.write_text(text)
+        return dated
+
+    def read_latest_parameters(self) -> dict:
+        # Python's json reads dwi_ml's non-strict "Infinity" values too.
+        return json.loads(self.latest_parameters_file.read_text())
+
+    # ------------------------------------------------------------------ models and checkpoint
+    def save_best_model(self, model, train_loss: float, valid_loss: float | None) -> None:
+        save_model_dir(model, self.best_model_dir)
+        with atomic_output(self.best_epoch_losses_file) as tmp:
+            tmp.write_text(json.dumps({"train_loss": train_loss, "valid_loss": valid_loss}, indent=4))
+
+    def save_checkpoint(self, model, state: dict) -> None:
+        """Write ``checkpoint/`` (model dir and trainer state) as one atomic directory replacement."""
+        with _AtomicDir(self.checkpoint_dir) as tmp_dir:
+            save_model_dir(model, tmp_dir / "model")
+            torch.save(state, tmp_dir / "checkpoint_state.pkl")
+
+    def load_checkpoint_state(self, device="cpu") -> dict:
+        return torch.load(self.checkpoint_state_file, map_location=device, weights_only=True)
+
+    # ------------------------------------------------------------------ logs
+    def save_logs(self, monitors: dict) -> None:
+        """One 1-D ``.npy`` per monitor of ``LOG_FILES`` (one value per epoch; NaN where undefined)."""
+        for name, file_name in LOG_FILES.items():
+            values = np.array([np.nan if v is None else v for v in monitors[name]], dtype=np.float64)
+            with atomic_output(self.logs_dir / file_name) as tmp:
+                np.save(tmp, values)
+
+    def read_logs(self) -> dict:
+        """Monitor name -> per-epoch array, for the log files present."""
+        return {name: np.load(self.logs_dir / file_name) for name, file_name in LOG_FILES.items()
+                if (self.logs_dir / file_name).is_file()}
+
+
+class _AtomicDir:
+    """Context manager yielding a temporary directory that replaces ``final_dir`` on success.
+
+    Sequence: write ``tmp``, rename the old directory aside, rename ``tmp`` into place, delete the old one;
+    an exception while writing leaves the old directory untouched.
+    """
+
+    def __init__(self, final_dir: Path):
+        self.final_dir = Path(final_dir)
+
+    def __enter__(self) -> Path:
+        self.final_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.final_dir.name}.", dir=self.final_dir.parent))
+        return self.tmp_dir
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            return False
+        old = self.final_dir.with_name(f".{self.final_dir.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if self.final_dir.exists():
+            self.final_dir.rename(old)
+        self.tmp_dir.rename(self.final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        return False

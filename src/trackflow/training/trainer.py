@@ -1,0 +1,426 @@
+"""The training loop shared by Learn2track and TractoTransformer models (spec dwi_ml.md §5.2, §5.3).
+
+``train_new_experiment`` checks every input, builds the model, then trains; ``resume_experiment``
+continues from ``checkpoint/``. Per epoch: set the learning rate, train, validate (no grad, no noise, no
+augmentation), keep the best model by validation loss (training loss when there is no validation subset),
+save the logs and the checkpoint, stop on patience or ``max_epochs``.
+
+Reproducibility: the model is initialised after ``torch.manual_seed(rng)``; the samplers and the loader
+own generators seeded from ``rng``; the checkpoint stores every RNG state (global torch RNG for dropout,
+sampler and loader generators) and the optimizer state, so a resumed run continues the exact sample
+stream of an uninterrupted one.
+"""
+
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trackflow.data.hdf5.reader import HDF5Cohort
+from trackflow.errors import TrackflowError
+from trackflow.models.persistence import load_model_dir, model_class
+from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData
+from trackflow.training.batch_sampler import BatchSampler, SamplerParams
+from trackflow.training.experiment import LOG_FILES, ExperimentFolder
+
+LOGGER = logging.getLogger(__name__)
+
+OPTIMIZERS = {"Adam": torch.optim.Adam, "RAdam": torch.optim.RAdam, "SGD": torch.optim.SGD}
+DEFAULT_LEARNING_RATE = 0.001
+CHECKPOINT_FORMAT = "trackflow-checkpoint-1"
+
+
+@dataclass
+class TrainerParams:
+    """Trainer options (spec §5.1), as stored in ``parameters_*.json`` and the checkpoint.
+
+    ``learning_rates[e]`` is the rate of epoch e (0-based); the last value holds for later epochs.
+    """
+
+    learning_rates: list = field(default_factory=lambda: [DEFAULT_LEARNING_RATE])
+    weight_decay: float = 0.01
+    optimizer: str = "Adam"
+    max_epochs: int = 100
+    patience: int | None = None
+    patience_delta: float = 1e-6
+    clip_grad: float | None = None
+    use_gpu: bool = False
+    rng: int = 1234
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise TrackflowError(f"unknown optimizer {self.optimizer!r}; expected one of {sorted(OPTIMIZERS)}")
+        if self.max_epochs < 1:
+            raise TrackflowError(f"--max_epochs must be at least 1, got {self.max_epochs}")
+        if self.patience is not None and self.patience < 1:
+            raise TrackflowError(f"--patience must be at least 1, got {self.patience}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise TrackflowError(f"--clip_grad must be positive, got {self.clip_grad}")
+        if not self.learning_rates or any(not lr > 0 for lr in self.learning_rates):
+            raise TrackflowError(f"learning rates must be positive, got {self.learning_rates}")
+
+    def learning_rate(self, epoch: int) -> float:
+        return self.learning_rates[min(epoch, len(self.learning_rates) - 1)]
+
+
+@dataclass
+class DataParams:
+    """How volumes and streamlines are read (spec §1.5, lazy vs non-lazy)."""
+
+    lazy: bool = False
+    cache_size: int = 1
+
+    def __post_init__(self):
+        if self.cache_size < 0:
+            raise TrackflowError(f"--cache_size must be >= 0, got {self.cache_size}")
+
+
+def parse_learning_rates(tokens) -> list:
+    """``['0.001*3', '0.0001']`` -> ``[0.001, 0.001, 0.001, 0.0001]``; None -> ``[0.001]``."""
+    if not tokens:
+        return [DEFAULT_LEARNING_RATE]
+    rates = []
+    for token in tokens:
+        value, _, repeats = str(token).partition("*")
+        try:
+            rates.extend([float(value)] * (int(repeats) if repeats else 1))
+        except ValueError:
+            raise TrackflowError(f"bad learning rate {token!r}; expected a number or 'value*epochs'") from None
+    return rates
+
+
+def resolve_device(use_gpu: bool) -> torch.device:
+    """CUDA when asked and available; otherwise the CPU (one warning when CUDA was asked for)."""
+    if use_gpu and not torch.cuda.is_available():
+        LOGGER.warning("--use_gpu: no CUDA device is available, training on the CPU")
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def component_seeds(rng: int) -> dict:
+    """Independent seeds for the training sampler, validation sampler and loader, derived from ``rng``."""
+    seeds = np.random.SeedSequence(rng).generate_state(3)
+    return dict(zip(("training_sampler", "validation_sampler", "loader"), (int(s) for s in seeds)))
+
+
+class Trainer:
+    """Runs epochs, selects the best model, writes logs and checkpoints.
+
+    Parameters
+    ----------
+    model : MainModel
+        On ``device``.
+    folder : ExperimentFolder
+    cohort : HDF5Cohort
+        Opened; read through for the whole training.
+    input_group, streamline_group : str
+    model_type : str
+        Class name written in ``model_type.txt``.
+    training_sampler_params, validation_sampler_params : SamplerParams
+    loader_params : LoaderParams
+    params : TrainerParams
+    data_params : DataParams
+    device : torch.device
+    """
+
+    def __init__(self, model, folder: ExperimentFolder, cohort, input_group: str, streamline_group: str,
+                 model_type: str, training_sampler_params: SamplerParams,
+                 validation_sampler_params: SamplerParams, loader_params: LoaderParams,
+                 params: TrainerParams, data_params: DataParams, device):
+        self.model = model
+        self.folder = folder
+        self.cohort = cohort
+        self.input_group = input_group
+        self.streamline_group = streamline_group
+        self.model_type = model_type
+        self.params = params
+        self.data_params = data_params
+        self.device = torch.device(device)
+        self.sampler_params = {"training": training_sampler_params, "validation": validation_sampler_params}
+        seeds = component_seeds(params.rng)
+
+        self.training_sampler = BatchSampler.from_cohort(cohort, "training", streamline_group,
+                                                         training_sampler_params, seeds["training_sampler"])
+        if self.training_sampler is None:
+            raise TrackflowError(f"{cohort.path} has no training subject")
+        self.validation_sampler = BatchSampler.from_cohort(
+            cohort, "validation", streamline_group, validation_sampler_params, seeds["validation_sampler"])
+        if self.validation_sampler is None:
+            LOGGER.warning("no validation subject: the best model is chosen on the training loss")
+        self.loader = BatchLoader(
+            loader_params,
+            {"step_size": model.step_size, "compress_lines": model.compress_lines, "nb_points": model.nb_points},
+            {"step_size": cohort.step_size, "compress_lines": cohort.compress, "nb_points": cohort.nb_points},
+            seeds["loader"], self.device)
+        self.training_data = SubsetData(cohort, cohort.subjects("training"), input_group, streamline_group,
+                                        self.device, data_params.lazy, data_params.cache_size)
+        self.validation_data = (None if self.validation_sampler is None else
+                                SubsetData(cohort, cohort.subjects("validation"), input_group,
+                                           streamline_group, self.device, data_params.lazy,
+                                           data_params.cache_size))
+        self.optimizer = OPTIMIZERS[params.optimizer](model.parameters(), lr=params.learning_rate(0),
+                                                      weight_decay=params.weight_decay)
+        self.monitors = {name: [] for name in LOG_FILES}
+        self.completed_epochs = 0
+        self.best = {"epoch": None, "value": None, "train_loss": None, "valid_loss": None}
+        self.epochs_without_improvement = 0
+
+    # ------------------------------------------------------------------ description and state
+    def run_parameters(self) -> dict:
+        """What ``parameters_<date>.json`` records about this run."""
+        return {
+            "hdf5 file": str(self.cohort.path.resolve()),
+            "Input group": self.input_group,
+            "Streamline group": self.streamline_group,
+            "Model type": self.model_type,
+            "Trainer params": asdict(self.params),
+            "Data params": asdict(self.data_params),
+            "Sampler params": {k: asdict(v) for k, v in self.sampler_params.items()},
+            "Loader params": asdict(self.loader.params),
+            "Model params": self.model.params_for_checkpoint(),
+            "Patience": self.params.patience,
+            "Patience_delta": self.params.patience_delta,
+        }
+
+    def checkpoint_state(self) -> dict:
+        """Everything needed to resume, as tensors, numbers, strings, lists and dicts (weights_only-safe)."""
+        validation = self.validation_sampler
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model_type": self.model_type,
+            "dataset_params": {"hdf5_file": str(self.cohort.path.resolve()), "input_group": self.input_group,
+                               "streamline_group": self.streamline_group, **asdict(self.data_params)},
+            "batch_sampler_params": {k: asdict(v) for k, v in self.sampler_params.items()},
+            "batch_loader_params": asdict(self.loader.params),
+            "params_for_init": asdict(self.params),
+            "current_states": {
+                "torch_rng_state": torch.get_rng_state(),
+                "cuda_rng_states": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                "training_sampler_rng": self.training_sampler.get_state(),
+                "validation_sampler_rng": None if validation is None else validation.get_state(),
+                "loader_rng": self.loader.get_state(),
+                "completed_epochs": self.completed_epochs,
+                "optimizer_state": self.optimizer.state_dict(),
+                "monitors": self.monitors,
+                "best": self.best,
+                "epochs_without_improvement": self.epochs_without_improvement,
+            },
+        }
+
+    def restore_states(self, states: dict) -> None:
+        """Restore what ``checkpoint_state()['current_states']`` saved."""
+        self.optimizer.load_state_dict(states["optimizer_state"])
+        self.training_sampler.set_state(states["training_sampler_rng"])
+        if self.validation_sampler is not None and states["validation_sampler_rng"] is not None:
+            self.validation_sampler.set_state(states["validation_sampler_rng"])
+        self.loader.set_state(states["loader_rng"])
+        self.completed_epochs = int(states["completed_epochs"])
+        self.monitors = {name: list(states["monitors"][name]) for name in LOG_FILES}
+        self.best = dict(states["best"])
+        self.epochs_without_improvement = int(states["epochs_without_improvement"])
+        torch.set_rng_state(states["torch_rng_state"].cpu())
+        if self.device.type == "cuda" and states["cuda_rng_states"]:
+            torch.cuda.set_rng_state_all(list(states["cuda_rng_states"]))
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        """Train until ``max_epochs`` or until patience runs out."""
+        while self.completed_epochs < self.params.max_epochs:
+            epoch = self.completed_epochs
+            lr = self.params.learning_rate(epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            start = time.perf_counter()
+            train_loss, grad_norm, unclipped_grad_norm = self._train_epoch(epoch)
+            training_time = time.perf_counter() - start
+            self.training_data.clear_cache()
+            start = time.perf_counter()
+            valid_loss = None if self.validation_sampler is None else self._validation_epoch(epoch)
+            validation_time = time.perf_counter() - start
+            if self.validation_data is not None:
+                self.validation_data.clear_cache()
+
+            for name, value in (("train_loss", train_loss), ("valid_loss", valid_loss),
+                                ("grad_norm", grad_norm), ("unclipped_grad_norm", unclipped_grad_norm),
+                                ("training_time", training_time / 60),
+                                ("validation_time", validation_time / 60)):
+                self.monitors[name].append(value)
+            self.completed_epochs = epoch + 1
+            improved = self._update_best(epoch, train_loss, valid_loss)
+            LOGGER.info("epoch %d/%d: train loss %.5f, valid loss %s, lr %g, %.1f s%s", epoch + 1,
+                        self.params.max_epochs, train_loss,
+                        "n/a" if valid_loss is None else f"{valid_loss:.5f}", lr,
+                        training_time + validation_time, " (best)" if improved else "")
+            if improved:
+                self.folder.save_best_model(self.model, train_loss, valid_loss)
+            self.folder.save_logs(self.monitors)
+            self.folder.save_checkpoint(self.model, self.checkpoint_state())
+            if self.patience_exhausted():
+                LOGGER.info("stopping: no improvement for %d epochs", self.epochs_without_improvement)
+                break
+
+    def patience_exhausted(self) -> bool:
+        return self.params.patience is not None and self.epochs_without_improvement >= self.params.patience
+
+    def _update_best(self, epoch: int, train_loss: float, valid_loss: float | None) -> bool:
+        value = train_loss if valid_loss is None else valid_loss
+        if self.best["value"] is None or value < self.best["value"] - self.params.patience_delta:
+            self.best = {"epoch": epoch, "value": value, "train_loss": train_loss, "valid_loss": valid_loss}
+            self.epochs_without_improvement = 0
+            return True
+        self.epochs_without_improvement += 1
+        return False
+
+    def _progress(self, description: str):
+        # On stderr, only for an interactive terminal at INFO level or more verbose.
+        disable = not sys.stderr.isatty() or logging.getLogger("trackflow").getEffectiveLevel() > logging.INFO
+        return tqdm(desc=description, unit="batch", file=sys.stderr, disable=disable, leave=False)
+
+    def _train_epoch(self, epoch: int):
+        """One pass over the training batches; returns (mean loss, mean grad norm, mean unclipped norm)."""
+        self.model.train()
+        total_loss, total_rows, grad_norms, unclipped_norms = 0.0, 0, [], []
+        max_norm = self.params.clip_grad if self.params.clip_grad is not None else math.inf
+        with self._progress(f"epoch {epoch + 1} training") as bar:
+            for sampled in self.training_sampler.epoch():
+                loss, n_rows = self._batch_loss(self.training_data, sampled, training=True)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                unclipped = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+                if not math.isfinite(unclipped):
+                    raise TrackflowError(f"the gradient norm became {unclipped} at epoch {epoch + 1}; "
+                                         "lower the learning rate or use --clip_grad")
+                self.optimizer.step()
+                total_loss += loss.item() * n_rows
+                total_rows += n_rows
+                unclipped_norms.append(unclipped)
+                grad_norms.append(min(unclipped, max_norm))
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        return total_loss / total_rows, float(np.mean(grad_norms)), float(np.mean(unclipped_norms))
+
+    def _validation_epoch(self, epoch: int) -> float:
+        """Mean validation loss over rows (no gradient, no noise, no augmentation)."""
+        self.model.eval()
+        total_loss, total_rows = 0.0, 0
+        with torch.no_grad(), self._progress(f"epoch {epoch + 1} validation") as bar:
+            for sampled in self.validation_sampler.epoch():
+                loss, n_rows = self._batch_loss(self.validation_data, sampled, training=False)
+                total_loss += loss.item() * n_rows
+                total_rows += n_rows
+                bar.update()
+        return total_loss / total_rows
+
+    def _batch_loss(self, data: SubsetData, sampled, training: bool):
+        """Mean per-row loss of one batch and its number of rows."""
+        batch = self.loader.load(data, sampled, training)
+        rows = self.loader.rows(self.model, data, batch, training)
+        raw = self.model(rows.inputs, rows.coordinates)                      # [R, K]
+        per_row = self.model.direction_getter.loss(raw, rows.target_dirs, rows.eos_target)  # [R]
+        return per_row.mean(), per_row.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def _check_groups(cohort, input_group: str, streamline_group: str) -> int:
+    """Validate the two groups; return the input group's number of features."""
+    volume_groups, streamline_groups = cohort.volume_groups(), cohort.streamline_groups()
+    if input_group not in volume_groups:
+        kind = "a streamline group, not a volume group" if input_group in streamline_groups else "unknown"
+        raise TrackflowError(f"input group {input_group!r} is {kind} in {cohort.path}; volume groups: "
+                             f"{sorted(volume_groups)}")
+    if streamline_group not in streamline_groups:
+        kind = "a volume group, not a streamline group" if streamline_group in volume_groups else "unknown"
+        raise TrackflowError(f"streamline group {streamline_group!r} is {kind} in {cohort.path}; "
+                             f"streamline groups: {sorted(streamline_groups)}")
+    return int(volume_groups[input_group])
+
+
+def train_new_experiment(experiments_path, experiment_name: str, hdf5_file, input_group: str,
+                         streamline_group: str, *, model_type: str, model_params: dict,
+                         training_sampler: SamplerParams, validation_sampler: SamplerParams,
+                         loader: LoaderParams, trainer: TrainerParams, data: DataParams,
+                         overwrite: bool = False) -> ExperimentFolder:
+    """Create ``experiments_path/experiment_name`` and train a new model in it.
+
+    Every check (folder, hdf5, groups, model parameters) runs before the folder is created or replaced.
+
+    Parameters
+    ----------
+    model_type : str
+        Class name (``Learn2TrackModel``, ``OriginalTransformerModel``, ...).
+    model_params : dict
+        ``parameters.json`` keys without ``nb_features`` (read from the hdf5). When none of
+        ``step_size``, ``compress_lines``, ``nb_points`` is set, the hdf5's preprocessing is recorded.
+    """
+    folder = ExperimentFolder.check_new(experiments_path, experiment_name, overwrite)
+    device = resolve_device(trainer.use_gpu)
+    with HDF5Cohort(hdf5_file) as cohort:
+        nb_features = _check_groups(cohort, input_group, streamline_group)
+        model_params = dict(model_params, nb_features=nb_features)
+        if all(model_params.get(k) in (None, False) for k in ("step_size", "compress_lines", "nb_points")):
+            model_params.update(step_size=cohort.step_size, compress_lines=cohort.compress or None,
+                                nb_points=cohort.nb_points)
+        torch.manual_seed(trainer.rng)
+        model = model_class(model_type)(**model_params).to(device)
+        runner = Trainer(model, folder, cohort, input_group, streamline_group, model_type, training_sampler,
+                         validation_sampler, loader, trainer, data, device)
+        folder.create()
+        folder.write_parameters(runner.run_parameters())
+        runner.run()
+    return folder
+
+
+def resume_experiment(experiments_path, experiment_name: str, hdf5_file=None, new_patience: int | None = None,
+                      new_max_epochs: int | None = None, model_types=None) -> ExperimentFolder:
+    """Continue an experiment from its ``checkpoint/`` (same sample stream as an uninterrupted run).
+
+    Parameters
+    ----------
+    hdf5_file : path or None
+        Replaces the hdf5 recorded in the checkpoint.
+    new_patience, new_max_epochs : int or None
+        Replace the stored values; needed when the stored ones already stopped the training.
+    model_types : collection of str or None
+        Model classes this family's script accepts (the l2t script refuses a transformer folder).
+    """
+    folder = ExperimentFolder.open_existing(experiments_path, experiment_name)
+    state = folder.load_checkpoint_state()
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise TrackflowError(f"{folder.checkpoint_state_file} is not a trackflow checkpoint")
+    if model_types is not None and state["model_type"] not in model_types:
+        raise TrackflowError(f"{folder.path} holds a {state['model_type']}, not one of {sorted(model_types)}")
+    trainer_params = TrainerParams(**state["params_for_init"])
+    states = state["current_states"]
+    completed = int(states["completed_epochs"])
+    if new_max_epochs is not None:
+        trainer_params.max_epochs = new_max_epochs
+    if completed >= trainer_params.max_epochs:
+        raise TrackflowError(f"{folder.path} already trained {completed} epochs (max_epochs "
+                             f"{trainer_params.max_epochs}); give a larger --new_max_epochs")
+    if new_patience is not None:
+        trainer_params.patience = new_patience
+    waited = int(states["epochs_without_improvement"])
+    if trainer_params.patience is not None and waited >= trainer_params.patience:
+        raise TrackflowError(f"{folder.path} stopped after {waited} epochs without improvement (patience "
+                             f"{trainer_params.patience}); give a larger --new_patience")
+
+    dataset = state["dataset_params"]
+    device = resolve_device(trainer_params.use_gpu)
+    model = load_model_dir(folder.checkpoint_model_dir, device)
+    with HDF5Cohort(hdf5_file if hdf5_file is not None else dataset["hdf5_file"]) as cohort:
+        _check_groups(cohort, dataset["input_group"], dataset["streamline_group"])
+        samplers = state["batch_sampler_params"]
+        runner = Trainer(model, folder, cohort, dataset["input_group"], dataset["streamline_group"],
+                         state["model_type"], SamplerParams(**samplers["training"]),
+                         SamplerParams(**samplers["validation"]), LoaderParams(**state["batch_loader_params"]),
+                         trainer_params, DataParams(lazy=dataset["lazy"], cache_size=dataset["cache_size"]),
+                         device)
+        runner.restore_states(states)
+        folder.write_parameters(runner.run_parameters())
+        LOGGER.info("resuming %s after epoch %d", folder.path, completed)
+        runner.run()
+    return folder

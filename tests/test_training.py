@@ -1,0 +1,328 @@
+"""Training on a tiny demo hdf5: batch rows and augmentation, the trainer, the experiment folder,
+reproducibility and resume, bad-input errors, log plots."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import map_coordinates
+
+from trackflow.cli import (l2t_resume_training_from_checkpoint, l2t_train_model,
+                           tt_resume_training_from_checkpoint, tt_train_model, visualize_logs)
+from trackflow.data.demo import TINY_SHAPE, make_demo_cohort
+from trackflow.data.hdf5.creation import create_hdf5_dataset
+from trackflow.data.hdf5.reader import HDF5Cohort
+from trackflow.models.persistence import load_experiment_model, model_class
+from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData
+from trackflow.training.experiment import LOG_FILES, ExperimentFolder
+from trackflow.training.trainer import parse_learning_rates, resolve_device
+
+TINY_L2T = ["--rnn_key", "gru", "--rnn_layer_sizes", "16", "--batch_size_training", "10",
+            "--batch_size_validation", "50", "--learning_rate", "0.01", "--weight_decay", "0"]
+# Every source of randomness switched on: dropout, both noises, split, reverse.
+RANDOM_L2T = TINY_L2T + ["--dropout", "0.3", "--nb_previous_dirs", "1", "--input_embedding_key",
+                         "nn_embedding", "--input_embedded_size", "8", "--add_eos",
+                         "--noise_gaussian_size_forward", "0.1", "--noise_gaussian_size_loss", "0.05",
+                         "--split_ratio", "0.3", "--reverse_ratio", "0.5"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These tiny models run several times faster on one thread on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def demo_hdf5(tmp_path_factory):
+    """Demo cohort (1 training + 1 validation subject, 50 streamlines each), resampled to 1 mm."""
+    root = tmp_path_factory.mktemp("demo")
+    cohort = make_demo_cohort(root / "cohort", n_subjects=2, seed=0, streamlines_per_bundle=10,
+                              shape=TINY_SHAPE)
+    config = cohort / "config"
+    return create_hdf5_dataset(cohort / "dwi_ml_ready", root / "demo.hdf5", config / "hdf5_config.json",
+                               config / "training_subjs.txt", config / "validation_subjs.txt",
+                               config / "testing_subjs.txt", step_size=1.0)
+
+
+@pytest.fixture(scope="module")
+def training_only_hdf5(demo_hdf5, tmp_path_factory):
+    """The first demo subject alone, as the only (training) subject: no validation subset."""
+    root = tmp_path_factory.mktemp("training_only")
+    (root / "train.txt").write_text("sub-01\n")
+    (root / "empty.txt").write_text("")
+    cohort = demo_hdf5.parent / "cohort"
+    return create_hdf5_dataset(cohort / "dwi_ml_ready", root / "train_only.hdf5",
+                               cohort / "config" / "hdf5_config.json", root / "train.txt", root / "empty.txt",
+                               root / "empty.txt", step_size=1.0)
+
+
+def _train(script, exps, name, hdf5, *options):
+    script.main([str(exps), name, str(hdf5), "input", "streamlines", *options])
+    return exps / name
+
+
+def _state(experiment, which="best_model"):
+    return torch.load(experiment / which / "model_state.pkl", map_location="cpu", weights_only=True)
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _tiny_model(add_eos: bool):
+    torch.manual_seed(0)
+    return model_class("Learn2TrackModel")(
+        nb_features=30, rnn_key="gru", rnn_layer_sizes=[8], step_size=1.0,
+        dg_key="cosine-regression", dg_args={"add_eos": add_eos})
+
+
+# ---------------------------------------------------------------------------------------------- batch rows
+@pytest.mark.parametrize("add_eos", [False, True])
+def test_rows_inputs_and_targets(demo_hdf5, add_eos):
+    with HDF5Cohort(demo_hdf5) as cohort:
+        data = SubsetData(cohort, ["sub-01"], "input", "streamlines", "cpu")
+        lines = cohort.read_streamlines("sub-01", "streamlines", np.array([0, 3, 7]))
+        volume = cohort.read_volume("sub-01", "input").data
+        loader = BatchLoader(LoaderParams(), {"step_size": 1.0}, {"step_size": cohort.step_size}, 0, "cpu")
+        batch = loader.load(data, [("sub-01", np.array([0, 3, 7]))], training=False)
+        rows = loader.rows(_tiny_model(add_eos), data, batch, training=False)
+
+    n_rows = [len(s) if add_eos else len(s) - 1 for s in lines]
+    assert [len(x) for x in rows.inputs] == n_rows == [len(c) for c in rows.coordinates]
+    expected_dirs = np.concatenate([np.vstack([np.diff(s, axis=0), np.zeros((1, 3))])[:n] for s, n
+                                    in zip(lines, n_rows)])
+    np.testing.assert_allclose(rows.target_dirs.numpy(), expected_dirs, atol=1e-6)
+    if add_eos:
+        expected_eos = np.concatenate([np.arange(len(s)) == len(s) - 1 for s in lines])
+        np.testing.assert_array_equal(rows.eos_target.numpy(), expected_eos)
+    else:
+        assert rows.eos_target is None
+    # Inputs: trilinear interpolation with integer coordinate i = voxel i, clamped at the borders
+    # (scipy's map_coordinates with mode='nearest' follows the same convention).
+    points = np.concatenate([s[:n] for s, n in zip(lines, n_rows)])
+    expected_inputs = np.stack([map_coordinates(volume[..., f], points.T, order=1, mode="nearest")
+                                for f in range(volume.shape[-1])], axis=1)
+    np.testing.assert_allclose(torch.cat(rows.inputs).numpy(), expected_inputs, atol=1e-4)
+
+
+def test_noise_is_truncated_training_only_and_leaves_inputs_clean(demo_hdf5):
+    sigma_forward, sigma_loss = 0.3, 0.2
+    ids = [("sub-01", np.arange(20))]
+    with HDF5Cohort(demo_hdf5) as cohort:
+        data = SubsetData(cohort, ["sub-01"], "input", "streamlines", "cpu")
+        clean_loader = BatchLoader(LoaderParams(), {}, {}, 0, "cpu")
+        noisy_loader = BatchLoader(LoaderParams(noise_gaussian_size_forward=sigma_forward,
+                                                noise_gaussian_size_loss=sigma_loss), {}, {}, 0, "cpu")
+        model = _tiny_model(add_eos=False)
+        batch = clean_loader.load(data, ids, training=True)
+        clean = clean_loader.rows(model, data, batch, training=True)
+        noisy = noisy_loader.rows(model, data, batch, training=True)
+        validation = noisy_loader.rows(model, data, batch, training=False)
+
+    forward_noise = torch.cat(noisy.coordinates) - torch.cat(clean.coordinates)
+    assert forward_noise.abs().max() <= 2 * sigma_forward + 1e-6
+    assert forward_noise.std() > 0.5 * sigma_forward
+    assert torch.equal(torch.cat(noisy.inputs), torch.cat(clean.inputs))
+    # Target = (p_{t+1} + e_{t+1}) - (p_t + e_t): bounded by 4 sigma, variance 2 sigma^2 (shrunk by truncation).
+    target_noise = noisy.target_dirs - clean.target_dirs
+    assert target_noise.abs().max() <= 4 * sigma_loss + 1e-5
+    assert 0.6 * np.sqrt(2) * sigma_loss < target_noise.std() < np.sqrt(2) * sigma_loss
+    assert torch.equal(validation.target_dirs, clean.target_dirs)
+    assert torch.equal(torch.cat(validation.coordinates), torch.cat(clean.coordinates))
+
+
+def test_split_and_reverse_keep_every_streamline(demo_hdf5):
+    with HDF5Cohort(demo_hdf5) as cohort:
+        data = SubsetData(cohort, ["sub-01"], "input", "streamlines", "cpu", lazy=True, cache_size=0)
+        n = cohort.streamlines_count("sub-01", "streamlines")
+        lines = list(cohort.read_streamlines("sub-01", "streamlines"))
+        # Make some streamlines too short to split: they must stay, unsplit.
+        loader = BatchLoader(LoaderParams(split_ratio=1.0), {"nb_points": 8}, {}, 0, "cpu")
+        short_batch = loader.load(data, [("sub-01", np.arange(n))], training=True)
+        assert short_batch.lengths.tolist() == [8] * n
+        split = BatchLoader(LoaderParams(split_ratio=1.0), {}, {}, 0, "cpu").load(
+            data, [("sub-01", np.arange(n))], training=True)
+        reverse = BatchLoader(LoaderParams(reverse_ratio=1.0), {}, {}, 0, "cpu").load(
+            data, [("sub-01", np.arange(n))], training=True)
+
+    eligible = [s for s in lines if len(s) >= 13]
+    assert len(split.lengths) == n + len(eligible)
+    assert split.lengths.min() >= 2 and int(split.lengths.sum()) == sum(map(len, lines)) + len(eligible)
+    halves = torch.split(split.points, split.lengths.tolist())
+    # Each cut streamline becomes two consecutive halves of >= 6 points sharing the cut point.
+    first = next(i for i, s in enumerate(lines) if len(s) >= 13)
+    a, b = halves[first], halves[first + 1]
+    assert len(a) >= 6 and len(b) >= 6 and torch.equal(a[-1], b[0])
+    np.testing.assert_array_equal(torch.cat([a, b[1:]]).numpy(), lines[first])
+    np.testing.assert_array_equal(torch.split(reverse.points, reverse.lengths.tolist())[0].numpy(),
+                                  lines[0][::-1])
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+def test_l2t_validation_loss_falls_and_folder_layout(demo_hdf5, tmp_path):
+    exp = _train(l2t_train_model, tmp_path, "l2t", demo_hdf5, "--rnn_key", "gru", "--rnn_layer_sizes", "32",
+                 "--nb_previous_dirs", "1", "--input_embedding_key", "nn_embedding",
+                 "--input_embedded_size", "16", "--add_eos", "--batch_size_training", "10",
+                 "--learning_rate", "0.01", "--weight_decay", "0", "--max_epochs", "6")
+    valid = np.load(exp / "logs" / LOG_FILES["valid_loss"])
+    assert len(valid) == 6 and valid[-1] < 0.7 * valid[0]
+
+    for model_dir in ("best_model", "checkpoint/model"):
+        assert sorted(p.name for p in (exp / model_dir).iterdir()) == ["model_state.pkl", "model_type.txt",
+                                                                        "parameters.json"]
+        assert (exp / model_dir / "model_type.txt").read_text() == "Learn2TrackModel"
+    assert sorted(p.name for p in (exp / "logs").iterdir()) == sorted(LOG_FILES.values())
+    assert all(len(np.load(exp / "logs" / f)) == 6 for f in LOG_FILES.values())
+    latest = ExperimentFolder(exp).read_latest_parameters()
+    assert latest["hdf5 file"] == str(demo_hdf5.resolve())
+    assert len(list(exp.glob("parameters_??-??-????_??h??.json"))) == 1
+    best = json.loads((exp / "best_epoch_losses.json").read_text())
+    assert best["valid_loss"] == pytest.approx(valid.min())
+    state = torch.load(exp / "checkpoint" / "checkpoint_state.pkl", weights_only=True)
+    assert state["current_states"]["completed_epochs"] == 6
+    # The folder alone rebuilds the model; the head is the one asked for.
+    model = load_experiment_model(exp)
+    assert _same_weights(model.state_dict(), _state(exp))
+    assert model.params_for_checkpoint()["dg_args"]["add_eos"] is True
+    assert model.params_for_checkpoint()["step_size"] == 1.0
+
+
+def test_same_rng_same_weights_and_resume_equals_uninterrupted(demo_hdf5, tmp_path):
+    full = _train(l2t_train_model, tmp_path, "full", demo_hdf5, *RANDOM_L2T, "--max_epochs", "2")
+    again = _train(l2t_train_model, tmp_path, "again", demo_hdf5, *RANDOM_L2T, "--max_epochs", "2",
+                   "--lazy", "--cache_size", "1")
+    other_seed = _train(l2t_train_model, tmp_path, "other", demo_hdf5, *RANDOM_L2T, "--max_epochs", "2",
+                        "--rng", "7")
+    half = _train(l2t_train_model, tmp_path, "half", demo_hdf5, *RANDOM_L2T, "--max_epochs", "1")
+    l2t_resume_training_from_checkpoint.main([str(tmp_path), "half", "--new_max_epochs", "2"])
+
+    assert _same_weights(_state(full), _state(again))          # same seed (lazy or not): same weights
+    assert not _same_weights(_state(full), _state(other_seed))
+    for which in ("best_model", "checkpoint/model"):
+        assert _same_weights(_state(full, which), _state(half, which))
+    for name in ("train_loss", "valid_loss"):
+        np.testing.assert_array_equal(np.load(full / "logs" / LOG_FILES[name]),
+                                      np.load(half / "logs" / LOG_FILES[name]))
+    assert len(list(half.glob("parameters_*.json"))) >= 2    # dated file(s) + latest
+
+
+@pytest.mark.parametrize("model", ["TTO", "TTS", "TTST"])
+def test_transformers_train_and_reload(demo_hdf5, tmp_path, model):
+    extra = ["--target_embedded_size", "4"] if model == "TTST" else []
+    exp = _train(tt_train_model, tmp_path, model, demo_hdf5, "--model", model, "--input_embedded_size", "8",
+                 *extra, "--nheads", "2", "--n_layers_e", "1", "--max_len", "64", "--add_eos",
+                 "--batch_size_training", "10", "--batch_size_validation", "50", "--learning_rate", "0.01",
+                 "--max_epochs", "2", "--norm_first")
+    valid = np.load(exp / "logs" / LOG_FILES["valid_loss"])
+    assert valid[1] < valid[0]
+    loaded = load_experiment_model(exp, use_latest_epoch=True)
+    assert type(loaded).__name__ == (exp / "best_model" / "model_type.txt").read_text()
+    assert loaded.params_for_checkpoint()["norm_first"] is True
+    assert _same_weights(loaded.state_dict(), _state(exp, "checkpoint/model"))
+    # The l2t resume script refuses a transformer experiment; the tt one needs a larger max_epochs.
+    with pytest.raises(SystemExit):
+        l2t_resume_training_from_checkpoint.main([str(tmp_path), model, "--new_max_epochs", "3"])
+    with pytest.raises(SystemExit):
+        tt_resume_training_from_checkpoint.main([str(tmp_path), model])
+
+
+def test_patience_stops_training(demo_hdf5, tmp_path):
+    # A delta larger than any possible improvement: only epoch 1 counts as best.
+    exp = _train(l2t_train_model, tmp_path, "patient", demo_hdf5, *TINY_L2T, "--max_epochs", "5",
+                 "--patience", "1", "--patience_delta", "100")
+    assert len(np.load(exp / "logs" / LOG_FILES["train_loss"])) == 2
+    with pytest.raises(SystemExit):
+        l2t_resume_training_from_checkpoint.main([str(tmp_path), "patient"])
+    l2t_resume_training_from_checkpoint.main([str(tmp_path), "patient", "--new_patience", "2"])
+    assert len(np.load(exp / "logs" / LOG_FILES["train_loss"])) == 3
+
+
+def test_without_validation_the_training_loss_selects_the_best_model(training_only_hdf5, tmp_path, capsys):
+    exp = _train(l2t_train_model, tmp_path, "no_valid", training_only_hdf5, *TINY_L2T, "--max_epochs", "2")
+    assert "no validation subject" in capsys.readouterr().err
+    train = np.load(exp / "logs" / LOG_FILES["train_loss"])
+    assert np.isnan(np.load(exp / "logs" / LOG_FILES["valid_loss"])).all()
+    best = json.loads((exp / "best_epoch_losses.json").read_text())
+    assert best == {"train_loss": pytest.approx(train.min()), "valid_loss": None}
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(demo_hdf5, tmp_path):
+    exp = _train(l2t_train_model, tmp_path, "exp", demo_hdf5, *TINY_L2T, "--max_epochs", "1")
+    before = (exp / "checkpoint" / "checkpoint_state.pkl").read_bytes()
+
+    class BrokenModel:
+        def params_for_checkpoint(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        ExperimentFolder(exp).save_checkpoint(BrokenModel(), {"anything": 1})
+    assert (exp / "checkpoint" / "checkpoint_state.pkl").read_bytes() == before
+    assert [p.name for p in exp.iterdir() if p.name.startswith(".")] == []
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("positionals, options, message", [
+    (("input_typo", "streamlines"), [], "input_typo"),
+    (("streamlines", "streamlines"), [], "streamline group, not a volume group"),
+    (("input", "wm_mask"), [], "volume group, not a streamline group"),
+    (("input", "streamlines"), ["--dg_key", "gaussian", "--normalize_outputs"], "normalize_outputs"),
+    (("input", "streamlines"), ["--add_entropy_to_gauss", "0.5"], "add_entropy_to_gauss"),
+    (("input", "streamlines"), ["--input_embedding_key", "cnn_embedding", "--nb_cnn_filters", "4",
+                                "--kernel_size", "2"], "grid"),
+    (("input", "streamlines"), ["--dg_key", "sphere-classification", "--add_eos", "--eos_weight", "2"],
+     "eos_weight"),
+])
+def test_bad_options_fail_before_training(demo_hdf5, tmp_path, capsys, positionals, options, message):
+    with pytest.raises(SystemExit) as exit_info:
+        l2t_train_model.main([str(tmp_path), "exp", str(demo_hdf5), *positionals, *TINY_L2T, *options])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert not (tmp_path / "exp").exists()
+
+
+def test_existing_experiment_and_missing_paths(demo_hdf5, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        l2t_train_model.main([str(tmp_path / "missing"), "exp", str(demo_hdf5), "input", "streamlines"])
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "old_file").write_text("x")
+    with pytest.raises(SystemExit):
+        _train(l2t_train_model, tmp_path, "exp", demo_hdf5, *TINY_L2T, "--max_epochs", "1")
+    assert "already exists" in capsys.readouterr().err
+    _train(l2t_train_model, tmp_path, "exp", demo_hdf5, *TINY_L2T, "--max_epochs", "1", "-f")
+    assert not (tmp_path / "exp" / "old_file").exists() and (tmp_path / "exp" / "best_model").is_dir()
+
+
+def test_learning_rate_schedule_and_device_fallback(caplog):
+    assert parse_learning_rates(["0.001*3", "0.0001"]) == [0.001, 0.001, 0.001, 0.0001]
+    assert parse_learning_rates(None) == [0.001]
+    if not torch.cuda.is_available():
+        with caplog.at_level("WARNING"):
+            assert resolve_device(True).type == "cpu"
+        assert sum("CUDA" in r.message for r in caplog.records) == 1
+
+
+# ---------------------------------------------------------------------------------------------- log plots
+def test_visualize_logs_writes_pngs(demo_hdf5, tmp_path, capsys):
+    exp = _train(l2t_train_model, tmp_path, "exp", demo_hdf5, *TINY_L2T, "--max_epochs", "2")
+    prefix = tmp_path / "plots" / "run_"
+    visualize_logs.main([str(exp), str(exp), "--save_figures", str(prefix)])
+    for name in ("loss", "grad_norm", "time"):
+        png = tmp_path / "plots" / f"run_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    with pytest.raises(SystemExit):
+        visualize_logs.main([str(exp), "--save_figures", str(prefix)])
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", [l2t_train_model, tt_train_model, l2t_resume_training_from_checkpoint,
+                                    tt_resume_training_from_checkpoint, visualize_logs])
+def test_help(script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
