@@ -1,0 +1,209 @@
+"""Tracking CLIs on the tiny demo cohort with tiny random-weight models (l2t and TTO)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from dipy.io.streamline import load_tractogram
+from dipy.tracking.streamlinespeed import length
+
+from trackflow.cli.l2t_track_from_model import main as l2t_main
+from trackflow.cli.tt_track_from_model import main as tt_main
+from trackflow.data.demo import TINY_SHAPE, make_demo_cohort
+from trackflow.data.hdf5.creation import create_hdf5_dataset
+from trackflow.data.hdf5.reader import HDF5Cohort
+from trackflow.models.l2t import Learn2TrackModel
+from trackflow.models.persistence import save_model_dir
+from trackflow.models.transformers import OriginalTransformerModel
+
+SUBJECT = "sub-01"
+HEAD = {"dg_key": "sphere-classification", "dg_args": {"add_eos": True}}
+
+
+def steer_towards_x(model):
+    """Random weights made small and a head bias favouring +x, no EOS: streamlines long enough to keep.
+
+    Untrained random heads turn by more than 90 degrees at almost every step.
+    """
+    head = model.direction_getter
+    last = head.layers[1]
+    with torch.no_grad():
+        last.weight.mul_(0.1)
+        last.bias[:head.nb_vertices] = 8.0 * head.vertices[:, 0]
+        if head.add_eos:
+            last.bias[head.nb_vertices:] = -10.0
+    return model
+
+
+def l2t_model(nb_features, **overrides):
+    torch.manual_seed(0)
+    params = dict(nb_features=nb_features, step_size=1.0, input_embedding_key="nn_embedding",
+                  input_embedded_size=8, nb_previous_dirs=1, rnn_key="gru", rnn_layer_sizes=[8], **HEAD)
+    params.update(overrides)
+    model = Learn2TrackModel(**params).eval()
+    return steer_towards_x(model) if params["dg_key"] == HEAD["dg_key"] else model
+
+
+def tto_model(nb_features):
+    torch.manual_seed(0)
+    return steer_towards_x(OriginalTransformerModel(
+        nb_features=nb_features, step_size=1.0, max_len=400, n_layers_e=1, n_layers_d=1, nheads=2,
+        input_embedded_size=8, ffnn_hidden_size=8, dropout_rate=0.0, input_embedding_key="nn_embedding",
+        **HEAD).eval())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the machine is shared: several torch threads per process only spin
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_experiment(folder: Path, model, hdf5: Path) -> Path:
+    save_model_dir(model, folder / "best_model")
+    (folder / "parameters_latest.json").write_text(json.dumps({"hdf5 file": str(hdf5)}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tracking_cli")
+    demo = make_demo_cohort(root / "demo", n_subjects=1, streamlines_per_bundle=3, shape=TINY_SHAPE)
+    config = demo / "config"
+    hdf5 = create_hdf5_dataset(demo / "dwi_ml_ready", root / "demo.hdf5", config / "hdf5_config.json",
+                               config / "training_subjs.txt", config / "validation_subjs.txt",
+                               config / "testing_subjs.txt")
+    with HDF5Cohort(hdf5) as cohort:
+        nb_features = cohort.volume_groups()["input"]
+        wm = cohort.read_volume(SUBJECT, "wm_mask")
+        affine = cohort.reference_nifti(SUBJECT, "interface_mask").affine
+    return {"root": root, "hdf5": Path(hdf5), "wm": wm, "affine": affine,
+            "l2t": make_experiment(root / "l2t", l2t_model(nb_features), hdf5),
+            "tto": make_experiment(root / "tto", tto_model(nb_features), hdf5),
+            "l2t_regression": make_experiment(
+                root / "l2t_regression",
+                l2t_model(nb_features, dg_key="cosine-regression", dg_args={"add_eos": False}), hdf5)}
+
+
+DOC_OPTIONS = ["-f", "-v", "--algo", "det", "--min_length", "10", "--max_length", "200", "--npv", "1",
+               "--use_gpu", "--simultaneous_tracking", "500", "--discard_last", "--tracking_mask_group",
+               "wm_mask", "--eos_stop", "0.5", "--hdf5"]
+
+
+def check_tractogram(world, path, min_mm=10.0, max_mm=200.0, in_mask=True):
+    sft = load_tractogram(str(path), "same", bbox_valid_check=False)
+    np.testing.assert_allclose(sft.affine, world["affine"])
+    sft.to_vox()
+    sft.to_corner()
+    voxel_mm = world["wm"].voxres[0]
+    lengths = length(sft.streamlines) * voxel_mm
+    assert len(lengths) > 0
+    assert lengths.min() >= min_mm - 1e-3 and lengths.max() <= max_mm + 1e-3
+    if in_mask:
+        voxels = np.floor(sft.streamlines.get_data()).astype(int)
+        assert (world["wm"].data[..., 0][tuple(voxels.T)] >= 0.5).all()
+    return sft
+
+
+@pytest.mark.parametrize("main,experiment", [(l2t_main, "l2t"), (tt_main, "tto")])
+def test_documented_command_lines(world, main, experiment, tmp_path, capsys):
+    out = tmp_path / "out_tractogram.trk"
+    main([*DOC_OPTIONS, str(world["hdf5"]), str(world[experiment]), SUBJECT, "input", str(out),
+          "interface_mask"])
+    err = capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert err.count("no CUDA device") == 1
+    assert "kept" in err and "streamlines/s" in err
+    # the tiny demo's only subject is in training, not in the default testing subset: warned, used anyway
+    assert "not in the testing subset" in err
+    check_tractogram(world, out)
+
+
+@pytest.mark.slow  # a fresh interpreter: about 10 s of imports on the shared machine
+def test_installed_console_script_runs(world, tmp_path):
+    out = tmp_path / "script.tck"
+    command = [str(Path(sys.executable).parent / "tt_track_from_model"), str(world["tto"]), SUBJECT, "input",
+               str(out), "interface_mask", "--nt", "10", "--min_length", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(nib.streamlines.load(str(out)).streamlines) == 10
+
+
+def run_l2t(world, out, *extra, experiment="l2t"):
+    l2t_main([str(world[experiment]), SUBJECT, "input", str(out), "interface_mask", "--hdf5_file",
+              str(world["hdf5"]), "--tracking_mask_group", "wm_mask", "--min_length", "0", "--rng_seed", "4",
+              "--max_length", "40", "-f", *extra])
+
+
+@pytest.mark.parametrize("algo", ["det", "prob"])
+def test_same_tractogram_for_any_number_of_simultaneous_streamlines(world, tmp_path, algo):
+    tractograms = []
+    for n in (1, 4, 500):
+        out = tmp_path / f"{algo}_{n}.trk"
+        run_l2t(world, out, "--algo", algo, "--nt", "15", "--simultaneous_tracking", str(n))
+        tractograms.append(load_tractogram(str(out), "same", bbox_valid_check=False).streamlines)
+    assert len(tractograms[0]) == 15  # --min_length 0: one streamline per seed, seed order
+    for other in tractograms[1:]:
+        assert len(other) == 15
+        for a, b in zip(tractograms[0], other):
+            np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_lengths_and_discard_last_hold_on_output(world, tmp_path):
+    out = tmp_path / "len.trk"
+    run_l2t(world, out, "--nt", "60", "--discard_last", "--min_length", "6", "--max_length", "12")
+    check_tractogram(world, out, min_mm=6.0, max_mm=12.0)
+
+
+def test_compress_trx_tck_and_seeds(world, tmp_path):
+    plain, compressed = tmp_path / "plain.trk", tmp_path / "compressed.trx"
+    run_l2t(world, plain, "--nt", "30", "--save_seeds")
+    run_l2t(world, compressed, "--nt", "30", "--compress", "0.2")
+    a = load_tractogram(str(plain), "same", bbox_valid_check=False)
+    b = load_tractogram(str(compressed), "same", bbox_valid_check=False)
+    assert len(a) == len(b) and b.streamlines.get_data().shape[0] < a.streamlines.get_data().shape[0]
+    for sa, sb in zip(a.streamlines, b.streamlines):
+        np.testing.assert_allclose(sb[[0, -1]], sa[[0, -1]], atol=1e-4)
+    # seeds are stored in vox/center and lie in the seeding (interface) mask voxel
+    a.to_vox()
+    a.to_corner()
+    seeds_corner = a.data_per_streamline["seeds"] + 0.5
+    with HDF5Cohort(world["hdf5"]) as cohort:
+        interface = cohort.read_volume(SUBJECT, "interface_mask").data[..., 0]
+    assert (interface[tuple(np.floor(seeds_corner).astype(int).T)] > 0).all()
+    tck = tmp_path / "plain.tck"
+    run_l2t(world, tck, "--nt", "30")
+    assert len(nib.streamlines.load(str(tck)).streamlines) == len(a)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--subject", "sub-99"], "sub-99"),
+    (["--input", "nope"], "nope"),
+    (["--input", "wm_mask"], "features"),
+    (["--experiment", "missing_best"], "best_model"),
+    (["--experiment", "l2t_regression", "--algo", "prob"], "sampl"),
+    (["--experiment", "tto"], "tt_track_from_model"),
+    (["--seeding", "streamlines"], "type"),
+])
+def test_bad_input_gives_one_line_and_no_output(world, tmp_path, capsys, args, message):
+    options = dict(zip(args[::2], args[1::2]))
+    experiment = world["root"] / options.pop("--experiment", "l2t")
+    experiment.mkdir(exist_ok=True)
+    out = tmp_path / "bad.trk"
+    argv = [str(experiment), options.pop("--subject", SUBJECT), options.pop("--input", "input"), str(out),
+            options.pop("--seeding", "interface_mask"), "--hdf5_file", str(world["hdf5"]), "--nt", "5"]
+    for key, value in options.items():
+        argv += [key, value]
+    with pytest.raises(SystemExit) as exit_info:
+        l2t_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and message in err[-1]
+    assert not out.exists() and not list(tmp_path.iterdir())

@@ -1,0 +1,337 @@
+"""The batched tracking engine on hand-drawn volumes with known answers (no learned model needed).
+
+``FieldModel`` implements the tracking interface by reading a direction field at the last point (flipped to
+follow the previous segment, like dipy's peak getters) and, where an EOS mask says so, an EOS probability
+of 1. It also checks the interface invariant: before each step a slot has consumed points 0 .. L-2.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trackflow.errors import TrackflowError
+from trackflow.tracking.random import counter_uniforms
+from trackflow.tracking.seeds import SeedGenerator, count_seeds
+from trackflow.tracking.stopping import MaskStoppingCriterion, StreamlineStatus, VolumeStoppingCriterion
+from trackflow.tracking.tracker import StopReason, Tracker, TrackingParameters, reverse_prefixes
+
+
+class FieldHead:
+    """raw = [dx, dy, dz, eos_probability]; sampling jitters the direction with 3 uniforms."""
+
+    n_uniforms = 3
+
+    def __init__(self, with_eos=True, supports_sampling=True):
+        self.with_eos = with_eos
+        self.supports_sampling = supports_sampling
+
+    def deterministic(self, raw):
+        return raw[:, :3]
+
+    def sample_from_uniforms(self, raw, u):
+        return raw[:, :3] + 0.4 * (u - 0.5)
+
+    def eos_probability(self, raw):
+        return raw[:, 3] if self.with_eos else None
+
+
+class FieldModel:
+    """Tracking-interface model over a direction field [X, Y, Z, 3] and an optional EOS mask [X, Y, Z]."""
+
+    def __init__(self, field, eos_mask=None, head=None):
+        self.field = torch.as_tensor(field, dtype=torch.float32)
+        shape = self.field.shape[:3]
+        self.eos_mask = torch.zeros(shape) if eos_mask is None else torch.as_tensor(eos_mask, dtype=torch.float32)
+        self.direction_getter = head or FieldHead()
+        self.calls = 0
+
+    def new_tracking_state(self, volume, n_slots, max_points):
+        # consumed[s]: points consumed; last[s]: the last one (to check the prefix really is the streamline)
+        return {"consumed": torch.zeros(n_slots, dtype=torch.long), "last": torch.zeros(n_slots, 3),
+                "scratch": n_slots - 1}
+
+    def _check_invariant(self, state, rows, points, lengths):
+        real = rows != state["scratch"]
+        assert torch.equal(state["consumed"][rows][real], (lengths - 1)[real])
+        has_prefix = real & (lengths >= 2)
+        idx = torch.arange(len(rows))[has_prefix]
+        assert torch.equal(state["last"][rows[has_prefix]], points[idx, lengths[has_prefix] - 2])
+
+    def tracking_step(self, state, rows, points, lengths):
+        self.calls += 1
+        self._check_invariant(state, rows, points, lengths)
+        b = torch.arange(len(rows))
+        last = points[b, lengths - 1]
+        state["consumed"][rows] = lengths
+        state["last"][rows] = last
+        voxel = torch.floor(last).long()
+        for axis, size in enumerate(self.field.shape[:3]):
+            voxel[:, axis] = voxel[:, axis].clamp(0, size - 1)
+        direction = self.field[voxel[:, 0], voxel[:, 1], voxel[:, 2]]
+        segment = last - points[b, (lengths - 2).clamp(min=0)]
+        flip = (direction * segment).sum(dim=1) < 0
+        direction = torch.where(flip[:, None], -direction, direction)
+        eos = self.eos_mask[voxel[:, 0], voxel[:, 1], voxel[:, 2]]
+        return torch.cat([direction, eos[:, None]], dim=1)
+
+    def reset_tracking_rows(self, state, rows, points, lengths):
+        state["consumed"][rows] = lengths - 1
+        b = torch.arange(len(rows))
+        state["last"][rows] = points[b, (lengths - 2).clamp(min=0)]
+
+
+class FixedSeeds:
+    """Seed generator with given positions (seed k -> positions[k])."""
+
+    def __init__(self, positions):
+        self.positions_table = torch.as_tensor(positions, dtype=torch.float32)
+
+    def positions(self, seed_indices):
+        return self.positions_table[seed_indices]
+
+
+def x_field(shape=(10, 5, 5)):
+    field = np.zeros(shape + (3,), np.float32)
+    field[..., 0] = 1.0
+    return field
+
+
+def track(model, criterion, seeds, n_seeds=None, **params):
+    params.setdefault("step_size_vox", 1.0)
+    params.setdefault("max_points", 100)
+    params.setdefault("eos_threshold", 0.5)
+    tracker = Tracker(model, torch.zeros(2, 2, 2, 1), criterion, seeds, TrackingParameters(**params))
+    n_seeds = n_seeds if n_seeds is not None else len(seeds.positions_table)
+    result = tracker.track(n_seeds)
+    streamlines = np.split(result.points, np.cumsum(result.lengths)[:-1])
+    return result, streamlines
+
+
+CENTRE = (4.5, 2.5, 2.5)
+
+
+def xs(streamline):
+    return streamline[:, 0].tolist()
+
+
+def test_mask_stop_keeps_first_point_outside_by_default():
+    mask = torch.zeros(10, 5, 5)
+    mask[2:7] = 1  # voxels x = 2..6 inside
+    result, (line,) = track(FieldModel(x_field()), MaskStoppingCriterion(mask), FixedSeeds([CENTRE]))
+    # forward reaches 7.5 (first point outside, kept), backward 1.5; output goes forward end -> seed -> back
+    assert xs(line) == [7.5, 6.5, 5.5, 4.5, 3.5, 2.5, 1.5]
+    np.testing.assert_array_equal(line[:, 1:], 2.5)
+    assert result.end_reasons.tolist() == [[StopReason.MASK, StopReason.MASK]]
+
+
+def test_discard_last_keeps_only_points_inside_mask():
+    mask = torch.zeros(10, 5, 5)
+    mask[2:7] = 1
+    result, (line,) = track(FieldModel(x_field()), MaskStoppingCriterion(mask), FixedSeeds([CENTRE]),
+                            discard_last_point=True)
+    assert xs(line) == [6.5, 5.5, 4.5, 3.5, 2.5]
+
+
+def test_trilinear_mask_interpolation_moves_the_border():
+    # dwi_ml's trilinear convention: coordinate i is voxel i, so 6.5 blends voxels 6 and 7 (0.5: inside)
+    # and 7.5 blends 7 and 8 (0: outside); 1.5 blends 1 (0) and 2 (1) -> 0.5, inside; 0.5 is outside.
+    mask = torch.zeros(10, 5, 5)
+    mask[2:7] = 1
+    _, (line,) = track(FieldModel(x_field()), MaskStoppingCriterion(mask, "trilinear"), FixedSeeds([CENTRE]),
+                       discard_last_point=True)
+    assert xs(line) == [6.5, 5.5, 4.5, 3.5, 2.5, 1.5]
+
+
+def test_volume_bounds_stop_without_mask():
+    result, (line,) = track(FieldModel(x_field()), VolumeStoppingCriterion((10, 5, 5)), FixedSeeds([CENTRE]))
+    assert xs(line) == [10.5] + [x + 0.5 for x in range(9, -1, -1)] + [-0.5]
+    assert result.end_reasons.tolist() == [[StopReason.VOLUME, StopReason.VOLUME]]
+
+
+def test_angle_above_theta_stops_without_appending():
+    field = x_field()
+    field[6:, :, :] = (0.0, 1.0, 0.0)  # 90 degree turn from voxel x = 6 on
+    seeds = FixedSeeds([CENTRE])
+    result, (line,) = track(FieldModel(field), VolumeStoppingCriterion((10, 5, 5)), seeds, theta_deg=60,
+                            track_forward_only=True)
+    assert xs(line) == [4.5, 5.5, 6.5]
+    assert result.end_reasons[0, 0] == StopReason.ANGLE
+    _, (line,) = track(FieldModel(field), VolumeStoppingCriterion((10, 5, 5)), seeds, theta_deg=120,
+                       track_forward_only=True)
+    np.testing.assert_allclose(line[-1], [6.5, 5.5, 2.5])  # turned: +y until leaving the volume
+
+
+def test_eos_above_threshold_stops_at_the_current_point():
+    eos = np.zeros((10, 5, 5), np.float32)
+    eos[7] = 0.8
+    seeds = FixedSeeds([CENTRE])
+    result, (line,) = track(FieldModel(x_field(), eos), VolumeStoppingCriterion((10, 5, 5)), seeds,
+                            track_forward_only=True, eos_threshold=0.5)
+    assert xs(line) == [4.5, 5.5, 6.5, 7.5]
+    assert result.end_reasons[0, 0] == StopReason.EOS
+    _, (line,) = track(FieldModel(x_field(), eos), VolumeStoppingCriterion((10, 5, 5)), seeds,
+                       track_forward_only=True, eos_threshold=0.9)
+    assert xs(line)[-1] == 10.5
+    # A head without EOS never stops on it.
+    model = FieldModel(x_field(), eos, head=FieldHead(with_eos=False))
+    _, (line,) = track(model, VolumeStoppingCriterion((10, 5, 5)), seeds, track_forward_only=True)
+    assert xs(line)[-1] == 10.5
+
+
+def test_max_length_counts_both_halves():
+    big = x_field((40, 5, 5))
+    seeds = FixedSeeds([(20.5, 2.5, 2.5), (36.5, 2.5, 2.5)])
+    result, lines = track(FieldModel(big), VolumeStoppingCriterion((40, 5, 5)), seeds, max_points=9)
+    assert result.lengths.tolist() == [9, 9]
+    # seed 0 fills all 9 points going forward (seed first), no room is left for a backward half
+    assert xs(lines[0]) == [20.5 + k for k in range(9)]
+    assert result.end_reasons[0].tolist() == [StopReason.MAX_LENGTH, StopReason.NOT_TRACKED]
+    # seed 1 leaves the volume after 4 steps (5 points), its backward half is cut at 9 points in all
+    assert xs(lines[1]) == [40.5 - k for k in range(9)]
+    assert result.end_reasons[1].tolist() == [StopReason.VOLUME, StopReason.MAX_LENGTH]
+
+
+def test_first_step_failure_still_tracks_backward_from_seed():
+    # The first forward step leaves the mask (not kept with discard_last): the backward half still runs,
+    # along the opposite of that first step.
+    mask = torch.zeros(10, 5, 5)
+    mask[2:5] = 1
+    result, (line,) = track(FieldModel(x_field()), MaskStoppingCriterion(mask), FixedSeeds([CENTRE]),
+                            discard_last_point=True)
+    assert xs(line) == [4.5, 3.5, 2.5]
+    # EOS at the seed: same, the backward half starts against the first (refused) direction.
+    eos = np.zeros((10, 5, 5), np.float32)
+    eos[4] = 1.0
+    _, (line,) = track(FieldModel(x_field(), eos), VolumeStoppingCriterion((10, 5, 5)), FixedSeeds([CENTRE]))
+    assert xs(line) == [4.5, 3.5, 2.5, 1.5, 0.5, -0.5]
+
+
+def test_no_nan_point_is_written():
+    field = x_field()
+    field[6] = np.nan
+    result, (line,) = track(FieldModel(field), VolumeStoppingCriterion((10, 5, 5)), FixedSeeds([CENTRE]))
+    assert np.isfinite(result.points).all()
+    assert xs(line)[0] == 6.5 and result.end_reasons[0, 0] == StopReason.NO_DIRECTION
+
+
+def test_prob_needs_a_sampling_head():
+    model = FieldModel(x_field(), head=FieldHead(supports_sampling=False))
+    with pytest.raises(TrackflowError, match="sampl"):
+        Tracker(model, torch.zeros(1, 1, 1, 1), VolumeStoppingCriterion((10, 5, 5)), FixedSeeds([CENTRE]),
+                TrackingParameters(step_size_vox=1.0, max_points=10, algo="prob"))
+
+
+def curved_world():
+    """A rotating field in a 12^3 mask so that streamlines differ in length and end in every way."""
+    g = np.stack(np.meshgrid(*[np.arange(12) + 0.5] * 3, indexing="ij"), -1)
+    field = np.stack([np.cos(g[..., 2] / 3), np.sin(g[..., 2] / 3), 0.3 * np.cos(g[..., 0])], -1)
+    mask = np.zeros((12, 12, 12), np.float32)
+    mask[1:11, 1:11, 1:11] = 1
+    eos = ((g[..., 0] - 6) ** 2 + (g[..., 1] - 6) ** 2 < 2).astype(np.float32)
+    return field.astype(np.float32), mask, eos
+
+
+@pytest.mark.parametrize("algo", ["det", "prob"])
+def test_same_tractogram_whatever_the_number_of_slots(algo):
+    field, mask, eos = curved_world()
+    results = []
+    for n_slots in (1, 5, 32):
+        model = FieldModel(field, eos)
+        seeds = SeedGenerator(mask, rng_seed=3)
+        tracker = Tracker(model, torch.zeros(1, 1, 1, 1), MaskStoppingCriterion(torch.as_tensor(mask)), seeds,
+                          TrackingParameters(step_size_vox=0.5, max_points=16, theta_deg=50, algo=algo,
+                                             eos_threshold=0.5, rng_seed=11, n_slots=n_slots, check_every=3))
+        results.append(tracker.track(60))
+    first = results[0]
+    assert len(set(first.lengths.tolist())) > 5  # the world is not trivial
+    assert set(first.end_reasons.ravel().tolist()) >= {StopReason.MASK, StopReason.EOS, StopReason.MAX_LENGTH}
+    np.testing.assert_array_equal(first.seed_indices, np.arange(60))
+    for other in results[1:]:
+        np.testing.assert_array_equal(other.lengths, first.lengths)
+        np.testing.assert_array_equal(other.points, first.points)
+        np.testing.assert_array_equal(other.end_reasons, first.end_reasons)
+
+
+def test_prob_tracking_depends_on_rng_seed():
+    field, mask, eos = curved_world()
+    out = []
+    for rng_seed in (1, 2):
+        tracker = Tracker(FieldModel(field, eos), torch.zeros(1, 1, 1, 1),
+                          MaskStoppingCriterion(torch.as_tensor(mask)), SeedGenerator(mask, rng_seed=3),
+                          TrackingParameters(step_size_vox=0.5, max_points=40, algo="prob", rng_seed=rng_seed,
+                                             n_slots=16))
+        out.append(tracker.track(20))
+    assert not np.array_equal(out[0].points[:50], out[1].points[:50])
+
+
+def test_reverse_prefixes():
+    points = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    reversed_ = reverse_prefixes(points, torch.tensor([3, 1]))
+    torch.testing.assert_close(reversed_[0, :3], points[0, [2, 1, 0]])
+    torch.testing.assert_close(reversed_[1, 0], points[1, 0])
+
+
+# ------------------------------------------------------------------ seeds, criteria, random numbers
+
+def test_seeds_cover_mask_voxels_in_shuffled_order():
+    mask = np.zeros((6, 5, 4))
+    mask[1:3, 2, 1:4] = 1
+    assert count_seeds(mask, npv=3, nt=None) == 18 and count_seeds(mask, None, nt=5) == 5
+    generator = SeedGenerator(mask, rng_seed=0)
+    seeds = generator.positions(torch.arange(18)).numpy()
+    voxels = np.floor(seeds).astype(int)
+    assert mask[tuple(voxels.T)].all()
+    # npv 3 over 6 voxels: each voxel exactly 3 times (voxels are cycled through).
+    _, counts = np.unique(voxels, axis=0, return_counts=True)
+    assert counts.tolist() == [3] * 6
+    # seed k does not depend on which other seeds are asked for
+    torch.testing.assert_close(generator.positions(torch.tensor([7, 2])), torch.as_tensor(seeds[[7, 2]]))
+    with pytest.raises(TrackflowError, match="empty"):
+        SeedGenerator(np.zeros((3, 3, 3)), rng_seed=0)
+
+
+def test_mask_criterion_statuses():
+    mask = torch.zeros(4, 3, 3)
+    mask[1:3] = 1
+    criterion = MaskStoppingCriterion(mask)
+    points = torch.tensor([[1.0, 1.5, 1.5], [2.99, 0.0, 2.99], [0.99, 1.0, 1.0], [3.5, 1, 1], [-0.01, 1, 1],
+                           [4.0, 1, 1], [float("nan"), 1, 1]])
+    assert criterion.check_points(points).tolist() == [
+        StreamlineStatus.TRACKPOINT, StreamlineStatus.TRACKPOINT, StreamlineStatus.ENDPOINT,
+        StreamlineStatus.ENDPOINT, StreamlineStatus.OUTSIDEIMAGE, StreamlineStatus.OUTSIDEIMAGE,
+        StreamlineStatus.OUTSIDEIMAGE]
+    # a fractional mask value away from 0 and 1 against the 0.5 threshold
+    soft = torch.full((2, 2, 2), 0.4)
+    assert MaskStoppingCriterion(soft).check_points(torch.tensor([[0.5, 0.5, 0.5]])).item() == \
+        StreamlineStatus.ENDPOINT
+    assert MaskStoppingCriterion(soft + 0.2).check_points(torch.tensor([[0.5, 0.5, 0.5]])).item() == \
+        StreamlineStatus.TRACKPOINT
+
+
+def _splitmix_reference(x):
+    """Plain-Python SplitMix64 finaliser on unsigned ints (the independent reference)."""
+    m = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def test_counter_uniforms_match_python_reference_and_look_uniform():
+    from scipy import stats
+
+    seed_index = torch.tensor([0, 5, 123456789012])
+    got = counter_uniforms(2**40 + 3, 2, seed_index, torch.tensor([0, 7, 3]), 4)
+    for row, (s, c) in enumerate(zip([0, 5, 123456789012], [0, 7, 3])):
+        key = _splitmix_reference((2**40 + 3) ^ 2)
+        h = _splitmix_reference(_splitmix_reference(key ^ s) ^ c)
+        for k in range(4):
+            expected = ((_splitmix_reference(h ^ k) >> 41) + 0.5) / 2**23
+            assert got[row, k].item() == pytest.approx(expected, abs=0)
+    many = counter_uniforms(7, 2, torch.arange(20000), 0, 2)
+    assert (many > 0).all() and (many < 1).all()
+    assert stats.kstest(many[:, 0].numpy(), "uniform").pvalue > 1e-3
+    assert abs(np.corrcoef(many[:, 0], many[:, 1])[0, 1]) < 0.03
+    assert math.isclose(float(many.mean()), 0.5, abs_tol=0.01)

@@ -1,0 +1,95 @@
+"""The engine with real (tiny, random-weight) models: KV-cached transformer tracking equals tracking that
+recomputes the whole sequence at every step, and l2t tracking does not depend on the slot count."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trackflow.models.l2t import Learn2TrackModel
+from trackflow.models.transformers import (OriginalTransformerModel, TransformerSrcAndTgtModel,
+                                           TransformerSrcOnlyModel)
+from trackflow.tracking.seeds import SeedGenerator
+from trackflow.tracking.stopping import MaskStoppingCriterion
+from trackflow.tracking.tracker import Tracker, TrackingParameters
+
+_spec = importlib.util.spec_from_file_location(
+    "tracking_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "tracking.py")
+benchmark = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(benchmark)
+
+NB_FEATURES = 3
+SHAPE = (9, 8, 7)
+HEAD = {"dg_key": "cosine-regression", "dg_args": {"add_eos": True}}
+COMMON = dict(nb_features=NB_FEATURES, step_size=0.5, max_len=64, n_layers_e=2, nheads=2, dropout_rate=0.0,
+              input_embedding_key="nn_embedding", ffnn_hidden_size=12, **HEAD)
+TRANSFORMERS = {
+    "TTO": lambda: OriginalTransformerModel(input_embedded_size=8, n_layers_d=2, **COMMON),
+    "TTS": lambda: TransformerSrcOnlyModel(input_embedded_size=8, **COMMON),
+    "TTST": lambda: TransformerSrcAndTgtModel(input_embedded_size=6, target_embedded_size=4, **COMMON),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the machine is shared: several threads per process only spin
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def world():
+    generator = torch.Generator().manual_seed(0)
+    volume = torch.rand(*SHAPE, NB_FEATURES, generator=generator)
+    mask = np.zeros(SHAPE, np.float32)
+    mask[1:-1, 1:-1, 1:-1] = 1
+    return volume, mask
+
+
+def run(model, volume, mask, n_seeds, **overrides):
+    params = dict(step_size_vox=0.5, max_points=30, theta_deg=180, eos_threshold=0.6, rng_seed=5, n_slots=8,
+                  check_every=2)
+    params.update(overrides)
+    tracker = Tracker(model, volume, MaskStoppingCriterion(torch.as_tensor(mask)), SeedGenerator(mask, 5),
+                      TrackingParameters(**params))
+    return tracker.track(n_seeds)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS))
+def test_cached_transformer_tracking_equals_full_recomputation(name):
+    torch.manual_seed(1)
+    model = TRANSFORMERS[name]().eval()
+    volume, mask = world()
+    cached = run(model, volume, mask, 12)
+    full = run(benchmark.FullRecomputeModel(model), volume, mask, 12)
+    assert cached.lengths.max() > 5 and len(set(cached.lengths.tolist())) > 2  # backward halves included
+    np.testing.assert_array_equal(cached.lengths, full.lengths)
+    np.testing.assert_allclose(cached.points, full.points, atol=1e-4)
+    np.testing.assert_array_equal(cached.end_reasons, full.end_reasons)
+
+
+def test_l2t_tracking_does_not_depend_on_slot_count_and_matches_reference_path():
+    torch.manual_seed(2)
+    model = Learn2TrackModel(nb_features=NB_FEATURES, step_size=0.5, input_embedding_key="nn_embedding",
+                             input_embedded_size=8, nb_previous_dirs=2, rnn_key="lstm", rnn_layer_sizes=[8, 6],
+                             **HEAD).eval()
+    volume, mask = world()
+    results = [run(model, volume, mask, 20, n_slots=n, eos_threshold=None) for n in (1, 6, 32)]
+    for other in results[1:]:
+        np.testing.assert_array_equal(other.lengths, results[0].lengths)
+        np.testing.assert_allclose(other.points, results[0].points, atol=1e-5)
+    # the dwi_ml-style reference loop (groups, lists) gives the same streamlines for seeds whose forward
+    # half has more than the seed (dwi_ml drops the others)
+    params = TrackingParameters(step_size_vox=0.5, max_points=30, theta_deg=180)
+    seeds = SeedGenerator(mask, 5).positions(torch.arange(20))
+    reference = benchmark.reference_track(model, volume, MaskStoppingCriterion(torch.as_tensor(mask)), seeds,
+                                          params, group_size=7)
+    engine = np.split(results[0].points, np.cumsum(results[0].lengths)[:-1])
+    assert len(reference) == 20
+    compared = [(ours, theirs) for ours, theirs in zip(engine, reference) if theirs is not None]
+    assert len(compared) >= 10
+    for ours, theirs in compared:
+        np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5)
