@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test
+.PHONY: install demo test test-heavy
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,12 +13,14 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
+# The workflow's rules call the console scripts by name: put the venv first on PATH.
 demo: install
-	$(BIN)/trackflow_make_demo results/demo/cohort --subjects 4 --seed 0 -f
-	$(BIN)/dwiml_create_hdf5_dataset -f -v INFO results/demo/cohort/dwi_ml_ready results/demo/demo.hdf5 \
-	    results/demo/cohort/config/hdf5_config.json results/demo/cohort/config/training_subjs.txt \
-	    results/demo/cohort/config/validation_subjs.txt results/demo/cohort/config/testing_subjs.txt
-	$(BIN)/dwiml_hdf5_print_architecture results/demo/demo.hdf5
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --profile profiles/local
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --profile profiles/local --report results/report.html
 
 test: install
 	$(BIN)/python -m pytest -m "not slow and not slurm" tests
+
+# Heavier runs (CI runs them after `make test`): the killed-run test and a real single-node SLURM cluster.
+test-heavy: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "slow or slurm" tests

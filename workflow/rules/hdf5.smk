@@ -1,0 +1,47 @@
+# The cohort: the synthetic demo (when demo.enabled) and the cohort's hdf5 file.
+
+
+rule make_demo:
+    output:
+        dwi_ml_ready=directory("results/demo/dwi_ml_ready"),
+        hdf5_config="results/demo/config/hdf5_config.json",
+        subject_lists=expand("results/demo/config/{subset}_subjs.txt",
+                             subset=["training", "validation", "testing"]),
+        readme="results/demo/README.txt",
+    params:
+        out_dir=lambda wildcards, output: Path(output.readme).parent,
+        subjects=config["demo"]["subjects"],
+        seed=config["demo"]["seed"],
+    log:
+        "logs/demo/make_demo.log",
+    benchmark:
+        "benchmarks/demo/make_demo.tsv"
+    conda:
+        "../../envs/trackflow.yaml"
+    shell:
+        # Snakemake creates the (empty) folder of the declared config files, and trackflow_make_demo -f
+        # writes only into an empty folder or an older demo: hand it an empty one.
+        "rmdir {params.out_dir}/config && trackflow_make_demo {params.out_dir}"
+        " --subjects {params.subjects} --seed {params.seed} -f -v INFO > {log} 2>&1"
+
+
+rule create_hdf5:
+    input:
+        dwi_ml_ready=COHORT["dwi_ml_ready"],
+        hdf5_config=COHORT["hdf5_config"],
+        training=COHORT["training_subjects"],
+        validation=COHORT["validation_subjects"],
+        testing=COHORT["testing_subjects"],
+    output:
+        "results/hdf5/cohort.hdf5",
+    params:
+        options=hdf5_options(),
+    log:
+        "logs/hdf5/cohort.log",
+    benchmark:
+        "benchmarks/hdf5/cohort.tsv"
+    conda:
+        "../../envs/trackflow.yaml"
+    shell:
+        "dwiml_create_hdf5_dataset {input.dwi_ml_ready} {output} {input.hdf5_config} {input.training}"
+        " {input.validation} {input.testing} {params.options} -v INFO > {log} 2>&1"
