@@ -19,7 +19,7 @@ demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --profile profiles/local --report results/report.html
 
 test: install
-	$(BIN)/python -m pytest -m "not slow and not slurm" tests
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not slurm" tests
 
 # Heavier runs (CI runs them after `make test`): the killed-run test and a real single-node SLURM cluster.
 test-heavy: install
