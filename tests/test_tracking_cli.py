@@ -1,6 +1,5 @@
 """Tracking CLIs on the tiny demo cohort with tiny random-weight models (l2t and TTO)."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,14 @@ from dipy.tracking.streamlinespeed import length
 
 from trackflow.cli.l2t_track_from_model import main as l2t_main
 from trackflow.cli.tt_track_from_model import main as tt_main
-from trackflow.data.demo import TINY_SHAPE, make_demo_cohort
-from trackflow.data.hdf5.creation import create_hdf5_dataset
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.models.l2t import Learn2TrackModel
-from trackflow.models.persistence import save_model_dir
 from trackflow.models.transformers import OriginalTransformerModel
 
 SUBJECT = "sub-01"
 HEAD = {"dg_key": "sphere-classification", "dg_args": {"add_eos": True}}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def steer_towards_x(model):
@@ -57,39 +55,19 @@ def tto_model(nb_features):
         **HEAD).eval())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the machine is shared: several torch threads per process only spin
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_experiment(folder: Path, model, hdf5: Path) -> Path:
-    save_model_dir(model, folder / "best_model")
-    (folder / "parameters_latest.json").write_text(json.dumps({"hdf5 file": str(hdf5)}))
-    return folder
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tiny_hdf5, make_experiment, tmp_path_factory):
     root = tmp_path_factory.mktemp("tracking_cli")
-    demo = make_demo_cohort(root / "demo", n_subjects=1, streamlines_per_bundle=3, shape=TINY_SHAPE)
-    config = demo / "config"
-    hdf5 = create_hdf5_dataset(demo / "dwi_ml_ready", root / "demo.hdf5", config / "hdf5_config.json",
-                               config / "training_subjs.txt", config / "validation_subjs.txt",
-                               config / "testing_subjs.txt")
-    with HDF5Cohort(hdf5) as cohort:
+    with HDF5Cohort(tiny_hdf5) as cohort:
         nb_features = cohort.volume_groups()["input"]
         wm = cohort.read_volume(SUBJECT, "wm_mask")
         affine = cohort.reference_nifti(SUBJECT, "interface_mask").affine
-    return {"root": root, "hdf5": Path(hdf5), "wm": wm, "affine": affine,
-            "l2t": make_experiment(root / "l2t", l2t_model(nb_features), hdf5),
-            "tto": make_experiment(root / "tto", tto_model(nb_features), hdf5),
+    return {"root": root, "hdf5": tiny_hdf5, "wm": wm, "affine": affine,
+            "l2t": make_experiment(root / "l2t", l2t_model(nb_features)),
+            "tto": make_experiment(root / "tto", tto_model(nb_features)),
             "l2t_regression": make_experiment(
                 root / "l2t_regression",
-                l2t_model(nb_features, dg_key="cosine-regression", dg_args={"add_eos": False}), hdf5)}
+                l2t_model(nb_features, dg_key="cosine-regression", dg_args={"add_eos": False}))}
 
 
 DOC_OPTIONS = ["-f", "-v", "--algo", "det", "--min_length", "10", "--max_length", "200", "--npv", "1",
@@ -119,9 +97,9 @@ def test_documented_command_lines(world, main, experiment, tmp_path, capsys):
           "interface_mask"])
     err = capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert err.count("no CUDA device") == 1
+        assert err.count("CUDA is not available") == 1
     assert "kept" in err and "streamlines/s" in err
-    # the tiny demo's only subject is in training, not in the default testing subset: warned, used anyway
+    # sub-01 is a training subject, not in the default testing subset: warned, used anyway
     assert "not in the testing subset" in err
     check_tractogram(world, out)
 

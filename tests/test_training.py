@@ -10,13 +10,16 @@ from scipy.ndimage import map_coordinates
 
 from trackflow.cli import (l2t_resume_training_from_checkpoint, l2t_train_model,
                            tt_resume_training_from_checkpoint, tt_train_model, visualize_logs)
-from trackflow.data.demo import TINY_SHAPE, make_demo_cohort
 from trackflow.data.hdf5.creation import create_hdf5_dataset
 from trackflow.data.hdf5.reader import HDF5Cohort
+from trackflow.device import select_device
 from trackflow.models.persistence import load_experiment_model, model_class
 from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData
 from trackflow.training.experiment import LOG_FILES, ExperimentFolder
-from trackflow.training.trainer import parse_learning_rates, resolve_device
+from trackflow.training.trainer import parse_learning_rates
+
+# tiny_hdf5 (conftest): 1 training + 1 validation subject, 50 streamlines each, resampled to 1 mm.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY_L2T = ["--rnn_key", "gru", "--rnn_layer_sizes", "16", "--batch_size_training", "10",
             "--batch_size_validation", "50", "--learning_rate", "0.01", "--weight_decay", "0"]
@@ -27,36 +30,14 @@ RANDOM_L2T = TINY_L2T + ["--dropout", "0.3", "--nb_previous_dirs", "1", "--input
                          "--split_ratio", "0.3", "--reverse_ratio", "0.5"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tiny models run several times faster on one thread on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
-def demo_hdf5(tmp_path_factory):
-    """Demo cohort (1 training + 1 validation subject, 50 streamlines each), resampled to 1 mm."""
-    root = tmp_path_factory.mktemp("demo")
-    cohort = make_demo_cohort(root / "cohort", n_subjects=2, seed=0, streamlines_per_bundle=10,
-                              shape=TINY_SHAPE)
-    config = cohort / "config"
-    return create_hdf5_dataset(cohort / "dwi_ml_ready", root / "demo.hdf5", config / "hdf5_config.json",
-                               config / "training_subjs.txt", config / "validation_subjs.txt",
-                               config / "testing_subjs.txt", step_size=1.0)
-
-
-@pytest.fixture(scope="module")
-def training_only_hdf5(demo_hdf5, tmp_path_factory):
+def training_only_hdf5(tiny_cohort, tmp_path_factory):
     """The first demo subject alone, as the only (training) subject: no validation subset."""
     root = tmp_path_factory.mktemp("training_only")
     (root / "train.txt").write_text("sub-01\n")
     (root / "empty.txt").write_text("")
-    cohort = demo_hdf5.parent / "cohort"
-    return create_hdf5_dataset(cohort / "dwi_ml_ready", root / "train_only.hdf5",
-                               cohort / "config" / "hdf5_config.json", root / "train.txt", root / "empty.txt",
+    return create_hdf5_dataset(tiny_cohort / "dwi_ml_ready", root / "train_only.hdf5",
+                               tiny_cohort / "config" / "hdf5_config.json", root / "train.txt", root / "empty.txt",
                                root / "empty.txt", step_size=1.0)
 
 
@@ -82,8 +63,8 @@ def _tiny_model(add_eos: bool):
 
 # ---------------------------------------------------------------------------------------------- batch rows
 @pytest.mark.parametrize("add_eos", [False, True])
-def test_rows_inputs_and_targets(demo_hdf5, add_eos):
-    with HDF5Cohort(demo_hdf5) as cohort:
+def test_rows_inputs_and_targets(tiny_hdf5, add_eos):
+    with HDF5Cohort(tiny_hdf5) as cohort:
         data = SubsetData(cohort, ["sub-01"], "input", "streamlines", "cpu")
         lines = cohort.read_streamlines("sub-01", "streamlines", np.array([0, 3, 7]))
         volume = cohort.read_volume("sub-01", "input").data
@@ -109,10 +90,10 @@ def test_rows_inputs_and_targets(demo_hdf5, add_eos):
     np.testing.assert_allclose(torch.cat(rows.inputs).numpy(), expected_inputs, atol=1e-4)
 
 
-def test_noise_is_truncated_training_only_and_leaves_inputs_clean(demo_hdf5):
+def test_noise_is_truncated_training_only_and_leaves_inputs_clean(tiny_hdf5):
     sigma_forward, sigma_loss = 0.3, 0.2
     ids = [("sub-01", np.arange(20))]
-    with HDF5Cohort(demo_hdf5) as cohort:
+    with HDF5Cohort(tiny_hdf5) as cohort:
         data = SubsetData(cohort, ["sub-01"], "input", "streamlines", "cpu")
         clean_loader = BatchLoader(LoaderParams(), {}, {}, 0, "cpu")
         noisy_loader = BatchLoader(LoaderParams(noise_gaussian_size_forward=sigma_forward,
@@ -135,8 +116,8 @@ def test_noise_is_truncated_training_only_and_leaves_inputs_clean(demo_hdf5):
     assert torch.equal(torch.cat(validation.coordinates), torch.cat(clean.coordinates))
 
 
-def test_split_and_reverse_keep_every_streamline(demo_hdf5):
-    with HDF5Cohort(demo_hdf5) as cohort:
+def test_split_and_reverse_keep_every_streamline(tiny_hdf5):
+    with HDF5Cohort(tiny_hdf5) as cohort:
         data = SubsetData(cohort, ["sub-01"], "input", "streamlines", "cpu", lazy=True, cache_size=0)
         n = cohort.streamlines_count("sub-01", "streamlines")
         lines = list(cohort.read_streamlines("sub-01", "streamlines"))
@@ -163,8 +144,8 @@ def test_split_and_reverse_keep_every_streamline(demo_hdf5):
 
 
 # ---------------------------------------------------------------------------------------------- trainer
-def test_l2t_validation_loss_falls_and_folder_layout(demo_hdf5, tmp_path):
-    exp = _train(l2t_train_model, tmp_path, "l2t", demo_hdf5, "--rnn_key", "gru", "--rnn_layer_sizes", "32",
+def test_l2t_validation_loss_falls_and_folder_layout(tiny_hdf5, tmp_path):
+    exp = _train(l2t_train_model, tmp_path, "l2t", tiny_hdf5, "--rnn_key", "gru", "--rnn_layer_sizes", "32",
                  "--nb_previous_dirs", "1", "--input_embedding_key", "nn_embedding",
                  "--input_embedded_size", "16", "--add_eos", "--batch_size_training", "10",
                  "--learning_rate", "0.01", "--weight_decay", "0", "--max_epochs", "6")
@@ -178,7 +159,7 @@ def test_l2t_validation_loss_falls_and_folder_layout(demo_hdf5, tmp_path):
     assert sorted(p.name for p in (exp / "logs").iterdir()) == sorted(LOG_FILES.values())
     assert all(len(np.load(exp / "logs" / f)) == 6 for f in LOG_FILES.values())
     latest = ExperimentFolder(exp).read_latest_parameters()
-    assert latest["hdf5 file"] == str(demo_hdf5.resolve())
+    assert latest["hdf5 file"] == str(tiny_hdf5.resolve())
     assert len(list(exp.glob("parameters_??-??-????_??h??.json"))) == 1
     best = json.loads((exp / "best_epoch_losses.json").read_text())
     assert best["valid_loss"] == pytest.approx(valid.min())
@@ -191,13 +172,13 @@ def test_l2t_validation_loss_falls_and_folder_layout(demo_hdf5, tmp_path):
     assert model.params_for_checkpoint()["step_size"] == 1.0
 
 
-def test_same_rng_same_weights_and_resume_equals_uninterrupted(demo_hdf5, tmp_path):
-    full = _train(l2t_train_model, tmp_path, "full", demo_hdf5, *RANDOM_L2T, "--max_epochs", "2")
-    again = _train(l2t_train_model, tmp_path, "again", demo_hdf5, *RANDOM_L2T, "--max_epochs", "2",
+def test_same_rng_same_weights_and_resume_equals_uninterrupted(tiny_hdf5, tmp_path):
+    full = _train(l2t_train_model, tmp_path, "full", tiny_hdf5, *RANDOM_L2T, "--max_epochs", "2")
+    again = _train(l2t_train_model, tmp_path, "again", tiny_hdf5, *RANDOM_L2T, "--max_epochs", "2",
                    "--lazy", "--cache_size", "1")
-    other_seed = _train(l2t_train_model, tmp_path, "other", demo_hdf5, *RANDOM_L2T, "--max_epochs", "2",
+    other_seed = _train(l2t_train_model, tmp_path, "other", tiny_hdf5, *RANDOM_L2T, "--max_epochs", "2",
                         "--rng", "7")
-    half = _train(l2t_train_model, tmp_path, "half", demo_hdf5, *RANDOM_L2T, "--max_epochs", "1")
+    half = _train(l2t_train_model, tmp_path, "half", tiny_hdf5, *RANDOM_L2T, "--max_epochs", "1")
     l2t_resume_training_from_checkpoint.main([str(tmp_path), "half", "--new_max_epochs", "2"])
 
     assert _same_weights(_state(full), _state(again))          # same seed (lazy or not): same weights
@@ -211,9 +192,9 @@ def test_same_rng_same_weights_and_resume_equals_uninterrupted(demo_hdf5, tmp_pa
 
 
 @pytest.mark.parametrize("model", ["TTO", "TTS", "TTST"])
-def test_transformers_train_and_reload(demo_hdf5, tmp_path, model):
+def test_transformers_train_and_reload(tiny_hdf5, tmp_path, capsys, model):
     extra = ["--target_embedded_size", "4"] if model == "TTST" else []
-    exp = _train(tt_train_model, tmp_path, model, demo_hdf5, "--model", model, "--input_embedded_size", "8",
+    exp = _train(tt_train_model, tmp_path, model, tiny_hdf5, "--model", model, "--input_embedded_size", "8",
                  *extra, "--nheads", "2", "--n_layers_e", "1", "--max_len", "64", "--add_eos",
                  "--batch_size_training", "10", "--batch_size_validation", "50", "--learning_rate", "0.01",
                  "--max_epochs", "2", "--norm_first")
@@ -226,13 +207,14 @@ def test_transformers_train_and_reload(demo_hdf5, tmp_path, model):
     # The l2t resume script refuses a transformer experiment; the tt one needs a larger max_epochs.
     with pytest.raises(SystemExit):
         l2t_resume_training_from_checkpoint.main([str(tmp_path), model, "--new_max_epochs", "3"])
+    assert "use tt_resume_training_from_checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tt_resume_training_from_checkpoint.main([str(tmp_path), model])
 
 
-def test_patience_stops_training(demo_hdf5, tmp_path):
+def test_patience_stops_training(tiny_hdf5, tmp_path):
     # A delta larger than any possible improvement: only epoch 1 counts as best.
-    exp = _train(l2t_train_model, tmp_path, "patient", demo_hdf5, *TINY_L2T, "--max_epochs", "5",
+    exp = _train(l2t_train_model, tmp_path, "patient", tiny_hdf5, *TINY_L2T, "--max_epochs", "5",
                  "--patience", "1", "--patience_delta", "100")
     assert len(np.load(exp / "logs" / LOG_FILES["train_loss"])) == 2
     with pytest.raises(SystemExit):
@@ -250,8 +232,8 @@ def test_without_validation_the_training_loss_selects_the_best_model(training_on
     assert best == {"train_loss": pytest.approx(train.min()), "valid_loss": None}
 
 
-def test_failed_checkpoint_write_keeps_the_previous_one(demo_hdf5, tmp_path):
-    exp = _train(l2t_train_model, tmp_path, "exp", demo_hdf5, *TINY_L2T, "--max_epochs", "1")
+def test_failed_checkpoint_write_keeps_the_previous_one(tiny_hdf5, tmp_path):
+    exp = _train(l2t_train_model, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1")
     before = (exp / "checkpoint" / "checkpoint_state.pkl").read_bytes()
 
     class BrokenModel:
@@ -276,25 +258,25 @@ def test_failed_checkpoint_write_keeps_the_previous_one(demo_hdf5, tmp_path):
     (("input", "streamlines"), ["--dg_key", "sphere-classification", "--add_eos", "--eos_weight", "2"],
      "eos_weight"),
 ])
-def test_bad_options_fail_before_training(demo_hdf5, tmp_path, capsys, positionals, options, message):
+def test_bad_options_fail_before_training(tiny_hdf5, tmp_path, capsys, positionals, options, message):
     with pytest.raises(SystemExit) as exit_info:
-        l2t_train_model.main([str(tmp_path), "exp", str(demo_hdf5), *positionals, *TINY_L2T, *options])
+        l2t_train_model.main([str(tmp_path), "exp", str(tiny_hdf5), *positionals, *TINY_L2T, *options])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
     assert not (tmp_path / "exp").exists()
 
 
-def test_existing_experiment_and_missing_paths(demo_hdf5, tmp_path, capsys):
+def test_existing_experiment_and_missing_paths(tiny_hdf5, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        l2t_train_model.main([str(tmp_path / "missing"), "exp", str(demo_hdf5), "input", "streamlines"])
+        l2t_train_model.main([str(tmp_path / "missing"), "exp", str(tiny_hdf5), "input", "streamlines"])
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "old_file").write_text("x")
     with pytest.raises(SystemExit):
-        _train(l2t_train_model, tmp_path, "exp", demo_hdf5, *TINY_L2T, "--max_epochs", "1")
+        _train(l2t_train_model, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1")
     assert "already exists" in capsys.readouterr().err
-    _train(l2t_train_model, tmp_path, "exp", demo_hdf5, *TINY_L2T, "--max_epochs", "1", "-f")
+    _train(l2t_train_model, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1", "-f")
     assert not (tmp_path / "exp" / "old_file").exists() and (tmp_path / "exp" / "best_model").is_dir()
 
 
@@ -303,13 +285,13 @@ def test_learning_rate_schedule_and_device_fallback(caplog):
     assert parse_learning_rates(None) == [0.001]
     if not torch.cuda.is_available():
         with caplog.at_level("WARNING"):
-            assert resolve_device(True).type == "cpu"
+            assert select_device(True).type == "cpu"
         assert sum("CUDA" in r.message for r in caplog.records) == 1
 
 
 # ---------------------------------------------------------------------------------------------- log plots
-def test_visualize_logs_writes_pngs(demo_hdf5, tmp_path, capsys):
-    exp = _train(l2t_train_model, tmp_path, "exp", demo_hdf5, *TINY_L2T, "--max_epochs", "2")
+def test_visualize_logs_writes_pngs(tiny_hdf5, tmp_path, capsys):
+    exp = _train(l2t_train_model, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "2")
     prefix = tmp_path / "plots" / "run_"
     visualize_logs.main([str(exp), str(exp), "--save_figures", str(prefix)])
     for name in ("loss", "grad_norm", "time"):

@@ -4,9 +4,6 @@ Per-point losses are recomputed independently of the loader: resampling by dipy,
 ``compute_inputs``, targets as differences of consecutive points, loss by the head.
 """
 
-import json
-from pathlib import Path
-
 import matplotlib
 import numpy as np
 import pytest
@@ -17,24 +14,16 @@ from PIL import Image
 
 from trackflow.cli.l2t_visualize_loss import main as l2t_main
 from trackflow.cli.tt_visualize_loss import main as tt_main
-from trackflow.data.demo import TINY_SHAPE, make_demo_cohort
-from trackflow.data.hdf5.creation import create_hdf5_dataset
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.data.streamlines import euclidean_lengths
 from trackflow.models.l2t import Learn2TrackModel
-from trackflow.models.persistence import load_experiment_model, save_model_dir
+from trackflow.models.persistence import load_experiment_model
 from trackflow.models.transformers import OriginalTransformerModel
 
 SUBJECT = "sub-01"
-STEP_MM = 1.5  # differs from the hdf5 (no resampling there), so the model's resampling is exercised
+STEP_MM = 1.5  # differs from the hdf5's 1 mm, so the model's resampling is exercised
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -58,31 +47,20 @@ def _tto(nb_features):
         dg_key="sphere-classification", dg_args={"add_eos": True}).eval()
 
 
-def _experiment(folder: Path, model, hdf5: Path) -> Path:
-    save_model_dir(model, folder / "best_model")
-    (folder / "parameters_latest.json").write_text(json.dumps({"hdf5 file": str(hdf5)}))
-    return folder
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tiny_hdf5, make_experiment, tmp_path_factory):
     root = tmp_path_factory.mktemp("visu_loss")
-    demo = make_demo_cohort(root / "demo", n_subjects=1, streamlines_per_bundle=4, shape=TINY_SHAPE)
-    config = demo / "config"
-    hdf5 = create_hdf5_dataset(demo / "dwi_ml_ready", root / "demo.hdf5", config / "hdf5_config.json",
-                               config / "training_subjs.txt", config / "validation_subjs.txt",
-                               config / "testing_subjs.txt")
-    with HDF5Cohort(hdf5) as cohort:
+    with HDF5Cohort(tiny_hdf5) as cohort:
         nb_features = cohort.volume_groups()["input"]
         volume = torch.as_tensor(cohort.read_volume(SUBJECT, "input").data)
         voxel_mm = float(cohort.read_volume(SUBJECT, "input").voxres[0])
         streamlines = cohort.read_streamlines(SUBJECT, "streamlines")
         sft = cohort.to_sft(SUBJECT, "streamlines")
-    return {"root": root, "hdf5": Path(hdf5), "volume": volume, "voxel_mm": voxel_mm,
+    return {"root": root, "hdf5": tiny_hdf5, "volume": volume, "voxel_mm": voxel_mm,
             "streamlines": streamlines, "sft": sft,
-            "l2t_eos": _experiment(root / "l2t_eos", _l2t(nb_features, "sphere-classification", True), hdf5),
-            "l2t_noeos": _experiment(root / "l2t_noeos", _l2t(nb_features, "cosine-regression", False), hdf5),
-            "tto": _experiment(root / "tto", _tto(nb_features), hdf5)}
+            "l2t_eos": make_experiment(root / "l2t_eos", _l2t(nb_features, "sphere-classification", True)),
+            "l2t_noeos": make_experiment(root / "l2t_noeos", _l2t(nb_features, "cosine-regression", False)),
+            "tto": make_experiment(root / "tto", _tto(nb_features))}
 
 
 def _model(experiment):
@@ -159,7 +137,7 @@ def test_documented_command_line(world, capsys):
     turbo = matplotlib.colormaps["turbo"]
     np.testing.assert_allclose(colors[np.argmin(losses)], 255 * np.array(turbo(0.0)[:3]), atol=0.01)
     np.testing.assert_allclose(colors[np.argmax(losses)], 255 * np.array(turbo(1.0)[:3]), atol=0.01)
-    # 0.5% of 20 streamlines rounds to 0: at least one streamline each, the extremes.
+    # 0.5% of the 50 streamlines rounds to 0: at least one streamline each, the extremes.
     means = _streamline_means(colored)
     assert _streamline_means(_load(out_dir / "colored_tractogram_best0.5percent.trk")) == pytest.approx([means.min()])
     assert _streamline_means(_load(out_dir / "colored_tractogram_worst0.5percent.trk")) == pytest.approx([means.max()])

@@ -71,6 +71,28 @@ def atomic_output(final_path, suffix=None):
             os.unlink(tmp)
 
 
+# Model classes (``model_type.txt`` names) read by the ``l2t_*`` scripts; every other class is a
+# TractoTransformer, read by the ``tt_*`` scripts.
+L2T_MODEL_TYPES = ("Learn2TrackModel",)
+
+
+def check_model_family(model_type: str, expected_family: str, script: str) -> None:
+    """Refuse a model of the other family, naming the script that reads it.
+
+    Parameters
+    ----------
+    model_type : str
+        Class name of the experiment's model (``type(model).__name__`` or ``model_type.txt``).
+    expected_family : str
+        ``"l2t"`` or ``"tt"``: the family of the script that was run.
+    script : str
+        The script's name without its family prefix, e.g. ``"track_from_model"``.
+    """
+    family = "l2t" if model_type in L2T_MODEL_TYPES else "tt"
+    if family != expected_family:
+        raise TrackflowError(f"this experiment holds a {model_type}: use {family}_{script}")
+
+
 def _interrupt_on_sigterm(signum, frame):
     raise KeyboardInterrupt
 

@@ -1,5 +1,6 @@
-"""trackflow_filter_by_length: keep streamlines whose length (mm) is within [--minL, --maxL], with scilpy's
-filter, and write a one-row TSV of counts and mean/median lengths before and after.
+"""trackflow_filter_by_length: keep streamlines whose length (mm) is within [--minL, --maxL] (inclusive, as
+scilpy's filter and the tracking scripts), and write a one-row TSV of counts and mean/median lengths before
+and after.
 
 Works on .trk, .trx and .tck (with --reference); scilpy's own script refuses .trx.
 
@@ -12,7 +13,7 @@ Example::
 import argparse
 
 from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, run_cli, setup_logging
-from trackflow.visualization.summary import filter_tractogram_by_length
+from trackflow.tracking.filtering import filter_tractogram_by_length
 
 
 def _length_mm(text: str) -> float:

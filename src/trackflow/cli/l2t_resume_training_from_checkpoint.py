@@ -12,9 +12,8 @@ from trackflow.training.trainer import resume_experiment
 def main(argv=None):
     args = build_resume_parser(__doc__).parse_args(argv)
     setup_logging(args.verbose)
-    run_cli(resume_experiment, args.experiments_path, args.experiment_name, hdf5_file=args.hdf5_file,
-            new_patience=args.new_patience, new_max_epochs=args.new_max_epochs,
-            model_types=("Learn2TrackModel",))
+    run_cli(resume_experiment, "l2t", args.experiments_path, args.experiment_name, hdf5_file=args.hdf5_file,
+            new_patience=args.new_patience, new_max_epochs=args.new_max_epochs)
 
 
 if __name__ == "__main__":

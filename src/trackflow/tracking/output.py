@@ -1,41 +1,23 @@
-"""From tracked streamlines to a tractogram file: optional compression, length filter in mm, saving.
-
-Lengths are measured on what is written (after compression), in mm, so ``--min_length 10`` never keeps a
-9 mm streamline (dwi_ml counted points).
+"""Tractogram files: the supported extensions, loading any of them, and atomic saving with per-streamline
+and per-point data (streamlines in vox/corner, the grid of a reference image).
 """
 
-from dataclasses import dataclass
+import logging
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from dipy.io.stateful_tractogram import Origin, Space, StatefulTractogram
-from dipy.io.streamline import save_tractogram
+from dipy.io.streamline import load_tractogram, save_tractogram
 from nibabel.streamlines import ArraySequence
 
 from trackflow.cli.common import atomic_output
-from trackflow.data.streamlines import array_sequence_from_parts, compress, euclidean_lengths
+from trackflow.data.streamlines import array_sequence_from_parts, offsets_from_lengths
 from trackflow.errors import TrackflowError
-from trackflow.tracking.tracker import TrackingResult
 
+LOGGER = logging.getLogger(__name__)
 
 TRACTOGRAM_EXTENSIONS = (".trk", ".tck", ".trx")
-
-
-@dataclass
-class FilteredTractogram:
-    """Kept streamlines (vox/corner), their seeds (vox/corner), lengths (mm) and indices in the result.
-
-    streamlines: ArraySequence of S' streamlines; seeds: float32 [S', 3]; lengths_mm: [S'];
-    kept: int64 [S'] indices into the ``TrackingResult``; n_too_short / n_too_long: rejected counts.
-    """
-
-    streamlines: ArraySequence
-    seeds: np.ndarray
-    lengths_mm: np.ndarray
-    kept: np.ndarray
-    n_too_short: int
-    n_too_long: int
 
 
 def check_tractogram_path(path, save_seeds: bool = False) -> None:
@@ -47,41 +29,51 @@ def check_tractogram_path(path, save_seeds: bool = False) -> None:
         raise TrackflowError("--save_seeds needs a .trk or .trx output (.tck has no per-streamline data)")
 
 
-def filter_streamlines(result: TrackingResult, voxel_size_mm: float, min_length_mm: float,
-                       max_length_mm: float, compress_mm: float | None = None) -> FilteredTractogram:
-    """Compress (optional), then keep streamlines with ``min_length <= length <= max_length`` (mm).
+def load_tractogram_file(path, reference=None) -> StatefulTractogram:
+    """A .trk, .trx or .tck (``reference`` needed for .tck only) as a dipy StatefulTractogram.
+
+    Unreadable or incompatible files raise ``TrackflowError``; no bounding-box check (tracked streamlines
+    may end one step outside the volume).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TrackflowError(f"tractogram {path} does not exist")
+    if path.suffix.lower() == ".tck" and reference is None:
+        raise TrackflowError(f"{path} is a .tck file: give --reference (an image of its grid)")
+    try:
+        return load_tractogram(str(path), reference if reference is not None else "same", bbox_valid_check=False)
+    except Exception as e:  # dipy raises many types for unreadable or incompatible files
+        raise TrackflowError(f"cannot read tractogram {path}: {e}") from None
+
+
+def save_tractogram_file(path, streamlines, reference: nib.Nifti1Image, seeds: np.ndarray | None = None,
+                         data_per_point: dict | None = None) -> None:
+    """Write vox/corner streamlines with the reference's header, atomically.
 
     Parameters
     ----------
-    result : TrackingResult
-        S streamlines in vox/corner.
-    voxel_size_mm : float
-        Isotropic voxel size, to convert voxel lengths and the tolerance.
-    min_length_mm, max_length_mm : float
-    compress_mm : float or None
-        Compression tolerance in mm (None: no compression).
+    path : path
+        ``.trk``, ``.tck`` or ``.trx`` (the format follows the extension).
+    streamlines : ArraySequence or list of ndarray [T_b, 3]
+        B streamlines, vox/corner; a selection (view) of a larger sequence is fine.
+    reference : Nifti1Image
+        The grid the coordinates refer to.
+    seeds : ndarray [B, 3] or None
+        Seeds in vox/corner, stored as the per-streamline data ``seeds`` in vox/center, as dwi_ml does
+        (minus 0.5).
+    data_per_point : dict or None
+        Name -> values of every point in streamline order, [sum T_b] or [sum T_b, K]; stored as float32.
     """
-    streamlines = array_sequence_from_parts(result.points, result.offsets, result.lengths)
-    if compress_mm is not None and len(streamlines):
-        streamlines = compress(streamlines, compress_mm / voxel_size_mm)
-    lengths_mm = (euclidean_lengths(streamlines) * voxel_size_mm if len(streamlines)
-                  else np.zeros(0))
-    too_short = lengths_mm < min_length_mm
-    too_long = lengths_mm > max_length_mm
-    kept = np.flatnonzero(~too_short & ~too_long)
-    return FilteredTractogram(streamlines[kept], result.seeds[kept], lengths_mm[kept], kept,
-                              int(too_short.sum()), int(too_long.sum()))
-
-
-def save_tractogram_file(path, streamlines: ArraySequence, reference: nib.Nifti1Image,
-                         seeds: np.ndarray | None = None) -> None:
-    """Write vox/corner streamlines with the reference's header, atomically.
-
-    ``seeds`` (vox/corner, [S, 3]) are stored as the per-streamline data ``seeds`` in vox/center, as dwi_ml
-    does (minus 0.5).
-    """
+    streamlines = streamlines if isinstance(streamlines, ArraySequence) else ArraySequence(streamlines)
+    points = streamlines.get_data()  # compact copy, so that row i of data_per_point is point i
+    lengths = np.asarray(streamlines._lengths)
+    offsets = offsets_from_lengths(lengths)
+    dpp = {key: array_sequence_from_parts(np.asarray(values, np.float32).reshape(len(points), -1), offsets,
+                                          lengths)
+           for key, values in (data_per_point or {}).items()}
     dps = {"seeds": (seeds - 0.5).astype(np.float32)} if seeds is not None else {}
-    sft = StatefulTractogram(streamlines, reference, Space.VOX, origin=Origin.TRACKVIS,
-                             data_per_streamline=dps)
+    sft = StatefulTractogram(array_sequence_from_parts(points, offsets, lengths), reference, Space.VOX,
+                             origin=Origin.TRACKVIS, data_per_streamline=dps, data_per_point=dpp)
     with atomic_output(path) as tmp:
         save_tractogram(sft, str(tmp), bbox_valid_check=False)
+    LOGGER.info("wrote %s", path)

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trackflow.cli.common import check_outputs
+from trackflow.cli.common import check_model_family, check_outputs
 from trackflow.data.hdf5.reader import HDF5Cohort
+from trackflow.device import select_device
 from trackflow.errors import TrackflowError
-from trackflow.models.l2t import Learn2TrackModel
 from trackflow.models.persistence import load_experiment_model
-from trackflow.tracking.output import check_tractogram_path, filter_streamlines, save_tractogram_file
+from trackflow.tracking.filtering import filter_streamlines
+from trackflow.tracking.output import check_tractogram_path, save_tractogram_file
 from trackflow.tracking.seeds import SeedGenerator, count_seeds
 from trackflow.tracking.stopping import MaskStoppingCriterion, VolumeStoppingCriterion
 from trackflow.tracking.tracker import StopReason, Tracker, TrackingParameters
@@ -50,12 +51,6 @@ class TrackingSummary:
                 f"{rate:.0f} streamlines/s")
 
 
-def select_device(use_gpu: bool) -> torch.device:
-    if use_gpu and not torch.cuda.is_available():
-        LOGGER.warning("--use_gpu given but no CUDA device is available: tracking on the CPU")
-    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-
-
 def max_points_for(max_length_mm: float, step_size_mm: float) -> int:
     """Most points a streamline may have so that its length, (points - 1) * step, stays <= max_length."""
     return int(math.floor(max_length_mm / step_size_mm + 1e-6)) + 1
@@ -72,15 +67,6 @@ def _hdf5_path(experiment_path, hdf5_file) -> Path:
         raise TrackflowError(f"no --hdf5_file given and {experiment.latest_parameters_file} names no "
                              "'hdf5 file'")
     return Path(path)
-
-
-def _check_model_family(model, model_family: str) -> None:
-    is_l2t = isinstance(model, Learn2TrackModel)
-    if model_family == "l2t" and not is_l2t:
-        raise TrackflowError(f"this experiment holds a {type(model).__name__}, not a Learn2TrackModel "
-                             "(use tt_track_from_model)")
-    if model_family == "tt" and is_l2t:
-        raise TrackflowError("this experiment holds a Learn2TrackModel (use l2t_track_from_model)")
 
 
 def _step_size(model, step_size) -> float:
@@ -114,7 +100,7 @@ def track_from_experiment(model_family: str, experiment_path, subj_id: str, inpu
     device = select_device(use_gpu)
     hdf5_path = _hdf5_path(experiment_path, hdf5_file)
     model = load_experiment_model(experiment_path, use_latest_epoch=use_latest_epoch, device=device)
-    _check_model_family(model, model_family)
+    check_model_family(type(model).__name__, model_family, "track_from_model")
     step_mm = _step_size(model, step_size)
 
     with HDF5Cohort(hdf5_path) as cohort:

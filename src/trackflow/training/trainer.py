@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from trackflow.cli.common import check_model_family
 from trackflow.data.hdf5.reader import HDF5Cohort
+from trackflow.device import select_device
 from trackflow.errors import TrackflowError
 from trackflow.models.persistence import load_model_dir, model_class
 from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData
@@ -92,13 +94,6 @@ def parse_learning_rates(tokens) -> list:
         except ValueError:
             raise TrackflowError(f"bad learning rate {token!r}; expected a number or 'value*epochs'") from None
     return rates
-
-
-def resolve_device(use_gpu: bool) -> torch.device:
-    """CUDA when asked and available; otherwise the CPU (one warning when CUDA was asked for)."""
-    if use_gpu and not torch.cuda.is_available():
-        LOGGER.warning("--use_gpu: no CUDA device is available, training on the CPU")
-    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
 def component_seeds(rng: int) -> dict:
@@ -357,7 +352,7 @@ def train_new_experiment(experiments_path, experiment_name: str, hdf5_file, inpu
         ``step_size``, ``compress_lines``, ``nb_points`` is set, the hdf5's preprocessing is recorded.
     """
     folder = ExperimentFolder.check_new(experiments_path, experiment_name, overwrite)
-    device = resolve_device(trainer.use_gpu)
+    device = select_device(trainer.use_gpu)
     with HDF5Cohort(hdf5_file) as cohort:
         nb_features = _check_groups(cohort, input_group, streamline_group)
         model_params = dict(model_params, nb_features=nb_features)
@@ -374,25 +369,24 @@ def train_new_experiment(experiments_path, experiment_name: str, hdf5_file, inpu
     return folder
 
 
-def resume_experiment(experiments_path, experiment_name: str, hdf5_file=None, new_patience: int | None = None,
-                      new_max_epochs: int | None = None, model_types=None) -> ExperimentFolder:
+def resume_experiment(model_family: str, experiments_path, experiment_name: str, hdf5_file=None,
+                      new_patience: int | None = None, new_max_epochs: int | None = None) -> ExperimentFolder:
     """Continue an experiment from its ``checkpoint/`` (same sample stream as an uninterrupted run).
 
     Parameters
     ----------
+    model_family : str
+        ``"l2t"`` or ``"tt"`` (which script asked): the l2t script refuses a transformer folder.
     hdf5_file : path or None
         Replaces the hdf5 recorded in the checkpoint.
     new_patience, new_max_epochs : int or None
         Replace the stored values; needed when the stored ones already stopped the training.
-    model_types : collection of str or None
-        Model classes this family's script accepts (the l2t script refuses a transformer folder).
     """
     folder = ExperimentFolder.open_existing(experiments_path, experiment_name)
     state = folder.load_checkpoint_state()
     if state.get("format") != CHECKPOINT_FORMAT:
         raise TrackflowError(f"{folder.checkpoint_state_file} is not a trackflow checkpoint")
-    if model_types is not None and state["model_type"] not in model_types:
-        raise TrackflowError(f"{folder.path} holds a {state['model_type']}, not one of {sorted(model_types)}")
+    check_model_family(state["model_type"], model_family, "resume_training_from_checkpoint")
     trainer_params = TrainerParams(**state["params_for_init"])
     states = state["current_states"]
     completed = int(states["completed_epochs"])
@@ -409,7 +403,7 @@ def resume_experiment(experiments_path, experiment_name: str, hdf5_file=None, ne
                              f"{trainer_params.patience}); give a larger --new_patience")
 
     dataset = state["dataset_params"]
-    device = resolve_device(trainer_params.use_gpu)
+    device = select_device(trainer_params.use_gpu)
     model = load_model_dir(folder.checkpoint_model_dir, device)
     with HDF5Cohort(hdf5_file if hdf5_file is not None else dataset["hdf5_file"]) as cohort:
         _check_groups(cohort, dataset["input_group"], dataset["streamline_group"])

@@ -19,21 +19,19 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from dipy.io.stateful_tractogram import Origin, Space, StatefulTractogram
-from dipy.io.streamline import save_tractogram
 from dipy.io.utils import is_header_compatible
 from nibabel.streamlines import ArraySequence
 from tqdm import tqdm
 
-from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, atomic_output, check_outputs
+from trackflow.cli.common import (add_overwrite_arg, add_verbose_arg, atomic_output, check_model_family,
+                                  check_outputs)
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.data.streamlines import array_sequence_from_parts, offsets_from_lengths
+from trackflow.device import select_device
 from trackflow.errors import TrackflowError
-from trackflow.models.l2t import Learn2TrackModel
 from trackflow.models.persistence import load_experiment_model
+from trackflow.tracking.output import load_tractogram_file, save_tractogram_file
 from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData
-from trackflow.training.trainer import resolve_device
-from trackflow.visualization.summary import load_tractogram_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -250,22 +248,6 @@ def displacement_lines(losses: PointLosses, ids: np.ndarray) -> tuple[list, list
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def _save_tractogram(path: Path, lines, reference, data_per_point: dict) -> None:
-    """Write vox/corner streamlines with per-point data (each value [sum T] or [sum T, K]) atomically."""
-    lines = lines if isinstance(lines, ArraySequence) else ArraySequence(lines)
-    points = lines.get_data()  # compact copy, also for a selection (view) of another sequence
-    lengths = np.asarray(lines._lengths)
-    offsets = offsets_from_lengths(lengths)
-    dpp = {key: array_sequence_from_parts(np.asarray(values, np.float32).reshape(len(points), -1), offsets,
-                                          lengths)
-           for key, values in data_per_point.items()}
-    sft = StatefulTractogram(array_sequence_from_parts(points, offsets, lengths), reference, Space.VOX,
-                             origin=Origin.TRACKVIS, data_per_point=dpp)
-    with atomic_output(path) as tmp:
-        save_tractogram(sft, str(tmp), bbox_valid_check=False)
-    LOGGER.info("wrote %s", path)
-
-
 def _save_figure(fig, path: Path, keep_open: bool) -> None:
     fig.tight_layout()
     with atomic_output(path) as tmp:
@@ -363,12 +345,11 @@ def output_paths(out_dir: Path, out_prefix: str, *, compute_histogram: bool, has
         paths["worst"] = f"{out_prefix}_worst{pct}percent{loss_clip}.trk"
     if save_colored_tractogram or best_worst_percent is not None:
         paths["colorbar_loss"] = f"{out_prefix}_colorbar_loss{loss_clip}.png"
-    if save_colored_eos_probs:
-        paths["colored_eos_probs"] = f"{out_prefix}_colored_eos_probs{eos_probs_clip}.trk"
-        paths["colorbar_eos_probs"] = f"{out_prefix}_colorbar_eos_probs{eos_probs_clip}.png"
-    if save_colored_eos_errors:
-        paths["colored_eos_errors"] = f"{out_prefix}_colored_eos_errors{eos_errors_clip}.trk"
-        paths["colorbar_eos_errors"] = f"{out_prefix}_colorbar_eos_errors{eos_errors_clip}.png"
+    for name, wanted, clip in (("eos_probs", save_colored_eos_probs, eos_probs_clip),
+                               ("eos_errors", save_colored_eos_errors, eos_errors_clip)):
+        if wanted:
+            paths[f"colored_{name}"] = f"{out_prefix}_colored_{name}{clip}.trk"
+            paths[f"colorbar_{name}"] = f"{out_prefix}_colorbar_{name}{clip}.png"
     if save_displacement is not None:
         paths["displacement"] = f"{out_prefix}_displacement.trk"
     return {name: Path(out_dir) / p for name, p in paths.items()}
@@ -430,14 +411,11 @@ def visualize_loss(model_family: str, experiment_path, hdf5_file, subj_id: str, 
     if not will_show:
         matplotlib.use("Agg")
 
-    device = resolve_device(use_gpu)
+    device = select_device(use_gpu)
     if processes is not None and device.type == "cpu":
         torch.set_num_threads(processes)
     model = load_experiment_model(experiment_path, use_latest_epoch=use_latest_epoch, device=device)
-    is_l2t = isinstance(model, Learn2TrackModel)
-    if is_l2t != (model_family == "l2t"):
-        raise TrackflowError(f"this experiment holds a {type(model).__name__}: use "
-                             f"{'l2t' if is_l2t else 'tt'}_visualize_loss")
+    check_model_family(type(model).__name__, model_family, "visualize_loss")
     has_eos = bool(model.direction_getter.add_eos)
     if (save_colored_eos_probs or save_colored_eos_errors) and not has_eos:
         raise TrackflowError("the model has no EOS output: --save_colored_eos_probs/_errors are not available")
@@ -501,11 +479,12 @@ def _write_outputs(losses: PointLosses, paths: dict, grid, colormap: str, loss_r
         colors, vmin, vmax = map_to_colors(losses.losses, colormap, *loss_range)
         dpp = {"losses": losses.losses, "color": colors}
         if "colored_loss" in paths:
-            _save_tractogram(paths["colored_loss"], losses.rows, grid, dpp)
+            save_tractogram_file(paths["colored_loss"], losses.rows, grid, data_per_point=dpp)
         if best_worst_percent is not None:
             best, worst = best_and_worst(means, best_worst_percent)
             for name, ids in (("best", best), ("worst", worst)):
-                _save_tractogram(paths[name], losses.rows[ids], grid, _select_points(dpp, losses.lengths, ids))
+                save_tractogram_file(paths[name], losses.rows[ids], grid,
+                                     data_per_point=_select_points(dpp, losses.lengths, ids))
         _save_figure(_colorbar_figure("per-point loss (unitless)", colormap, vmin, vmax), paths["colorbar_loss"],
                      keep_open)
     for name, values, value_range, label in (
@@ -513,7 +492,8 @@ def _write_outputs(losses: PointLosses, paths: dict, grid, colormap: str, loss_r
             ("eos_errors", losses.eos_errors(), eos_errors_range, "EOS error |p(EOS) - target|")):
         if f"colored_{name}" in paths:
             colors, vmin, vmax = map_to_colors(values, EOS_COLORMAP, *value_range)
-            _save_tractogram(paths[f"colored_{name}"], losses.rows, grid, {name: values, "color": colors})
+            save_tractogram_file(paths[f"colored_{name}"], losses.rows, grid,
+                                 data_per_point={name: values, "color": colors})
             _save_figure(_colorbar_figure(label, EOS_COLORMAP, vmin, vmax), paths[f"colorbar_{name}"], keep_open)
     if "displacement" in paths:
         _save_displacement(losses, n_displacement, paths["displacement"], grid)
@@ -537,8 +517,8 @@ def _save_displacement(losses: PointLosses, n_streamlines: int, path: Path, grid
         ramp = np.linspace(0.0, 1.0, len(line))[:, None]                              # [T, 1]
         colors.append((1 - ramp) * RAMP_START_RGB + ramp * RAMP_END_RGB)
     colors = np.concatenate(colors)
-    _save_tractogram(path, true_lines + zigzags, grid,
-                     {"color_x": colors[:, 0], "color_y": colors[:, 1], "color_z": colors[:, 2]})
+    save_tractogram_file(path, true_lines + zigzags, grid,
+                         data_per_point={"color_x": colors[:, 0], "color_y": colors[:, 1], "color_z": colors[:, 2]})
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -1,12 +1,9 @@
-"""After tracking: length filtering with a counts TSV, and the cohort summary (one table, a few plots).
-
-``filter_tractogram_by_length`` (``trackflow_filter_by_length``) filters with scilpy's own
-``filter_streamlines_by_length`` on a tractogram loaded by dipy, so ``.trx`` works (scilpy's scripts refuse
-it), and writes one TSV row of counts and length statistics (mm).
+"""The cohort summary after tracking: one table and a few plots.
 
 ``summarize_cohort`` gathers, from plain file lists (what the Snakemake rule passes), one row per subject
-and model: the filter counts and lengths, the ``trackflow_score`` metrics and the Snakemake benchmark times
-and memory of each step. ``write_cohort_summary`` writes the table (TSV) and the figures.
+and model: the counts and lengths of ``trackflow_filter_by_length`` (``tracking.filtering``), the
+``trackflow_score`` metrics and the Snakemake benchmark times and memory of each step.
+``write_cohort_summary`` writes the table (TSV) and the figures.
 
 Path conventions (the workflow's, see ``workflow/rules``): scores are ``<...>/<subject>/<model>.json``;
 benchmarks are ``<...>/benchmarks/<step>/<subject>/<model>.tsv`` or, for per-model steps such as training,
@@ -24,97 +21,19 @@ import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from dipy.io.streamline import load_tractogram, save_tractogram
 
-from trackflow.cli.common import atomic_output, check_inputs, check_outputs
+from trackflow.cli.common import atomic_output, check_outputs
 from trackflow.data.streamlines import euclidean_lengths
 from trackflow.errors import TrackflowError
+from trackflow.tracking.filtering import COUNT_COLUMNS, KEYS
+from trackflow.tracking.output import load_tractogram_file
 
 LOGGER = logging.getLogger(__name__)
 
-KEYS = ["subject", "model"]
-COUNT_COLUMNS = ["n_before", "n_after", "mean_length_before_mm", "median_length_before_mm",
-                 "mean_length_after_mm", "median_length_after_mm"]
 SCORE_COLUMNS = ["VB", "IB", "VS", "IS", "NC", "VS_ratio", "IS_ratio", "NC_ratio", "OL", "OR", "F1"]
 BUNDLE_METRICS = ["OL", "OR", "F1"]
 # Names of the figures `write_cohort_summary` can draw (the keys of its plot_paths).
 PLOTS = ("streamline_counts", "lengths", "bundle_scores", "overall_scores")
-
-
-# ---------------------------------------------------------------------------------------------- filtering
-def load_tractogram_file(path, reference=None):
-    """A .trk, .trx or .tck (``reference`` needed for .tck only) as a dipy StatefulTractogram.
-
-    Unreadable or incompatible files raise ``TrackflowError``; no bounding-box check (tracked streamlines
-    may end one step outside the volume).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise TrackflowError(f"tractogram {path} does not exist")
-    if path.suffix.lower() == ".tck" and reference is None:
-        raise TrackflowError(f"{path} is a .tck file: give --reference (an image of its grid)")
-    try:
-        return load_tractogram(str(path), reference if reference is not None else "same", bbox_valid_check=False)
-    except Exception as e:  # dipy raises many types for unreadable or incompatible files
-        raise TrackflowError(f"cannot read tractogram {path}: {e}") from None
-
-
-def _length_stats(lengths_mm: np.ndarray, when: str) -> dict:
-    empty = len(lengths_mm) == 0
-    return {f"mean_length_{when}_mm": np.nan if empty else float(np.mean(lengths_mm)),
-            f"median_length_{when}_mm": np.nan if empty else float(np.median(lengths_mm))}
-
-
-def filter_tractogram_by_length(in_tractogram, out_tractogram, out_counts, min_length: float = 0.0,
-                                max_length: float = np.inf, subject: str | None = None, model: str | None = None,
-                                reference=None, overwrite: bool = False) -> dict:
-    """Keep streamlines with ``min_length <= length <= max_length`` (mm) and write their counts.
-
-    Parameters
-    ----------
-    in_tractogram, out_tractogram : path
-        ``.trk``, ``.trx`` or ``.tck`` (with ``reference``); per-streamline and per-point data are kept.
-    out_counts : path
-        One-row TSV: subject, model, n_before, n_after, mean/median length before and after (mm; NA when
-        there is no streamline).
-    min_length, max_length : float
-        Bounds in mm, inclusive (scilpy's rule).
-    subject, model : str or None
-        Row labels; default: the input's folder name and file stem (``<subject>/<model>.trk``).
-    reference : path or None
-        Image of the grid, for ``.tck`` only.
-
-    Returns
-    -------
-    dict
-        The TSV row.
-    """
-    in_tractogram, out_tractogram, out_counts = Path(in_tractogram), Path(out_tractogram), Path(out_counts)
-    check_inputs([in_tractogram, reference])
-    check_outputs([out_tractogram, out_counts], overwrite)
-    if not 0 <= min_length <= max_length:
-        raise TrackflowError(f"lengths must satisfy 0 <= --minL <= --maxL, got {min_length} and {max_length}")
-    if out_tractogram.suffix.lower() == ".tck" and in_tractogram.suffix.lower() != ".tck":
-        LOGGER.warning("writing .tck: per-streamline and per-point data are dropped")
-    # scilpy's import pulls vtk (about 1.5 s): only filtering needs it.
-    from scilpy.tractograms.streamline_operations import filter_streamlines_by_length
-
-    sft = load_tractogram_file(in_tractogram, reference)
-    sft.to_rasmm()
-    lengths_before = euclidean_lengths(sft.streamlines)
-    filtered, _ = filter_streamlines_by_length(sft, min_length, max_length)
-    lengths_after = euclidean_lengths(filtered.streamlines)
-    row = {"subject": subject if subject is not None else in_tractogram.parent.name,
-           "model": model if model is not None else in_tractogram.name.split(".")[0],
-           "n_before": len(lengths_before), "n_after": len(lengths_after),
-           **_length_stats(lengths_before, "before"), **_length_stats(lengths_after, "after")}
-    with atomic_output(out_tractogram) as tmp:
-        save_tractogram(filtered, str(tmp), bbox_valid_check=False)
-    with atomic_output(out_counts) as tmp:
-        pd.DataFrame([row], columns=KEYS + COUNT_COLUMNS).to_csv(tmp, sep="\t", index=False, na_rep="NA")
-    LOGGER.info("kept %d of %d streamlines (%g-%g mm): %s", row["n_after"], row["n_before"], min_length,
-                max_length, out_tractogram)
-    return row
 
 
 # ---------------------------------------------------------------------------------------------- cohort table
