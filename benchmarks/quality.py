@@ -1,0 +1,315 @@
+"""Tracking quality: Learn2track and a TractoTransformer beside scilpy's classical local tracking, scored
+against the demo cohort's ground truth (Tractometer metrics of ``trackflow.scoring.tractometer``).
+
+Steps: make (or reuse) a demo cohort and its hdf5; train the default demo models with ``l2t_train_model``
+and ``tt_train_model`` side by side (or reuse experiment folders); track the held-out (testing) subject with
+``l2t_track_from_model`` and ``tt_track_from_model`` (det, and prob when the head samples) and with
+``scil_tracking_local`` (prob and det on the fODF, basis ``descoteaux07``). Every tracker gets the same
+seeds, tracking mask (the WM mask), step size, angle and length limits: the learned trackers draw their
+seeds from the interface mask with ``--nt`` and ``--rng_seed``; the baseline is given that very list
+through ``--in_custom_seeds`` (``trackflow.scoring.baseline.seeds_from_mask``), and the benchmark checks
+that the seeds the learned trackers saved belong to it.
+
+Prints one table (rows: trackers; columns: streamlines kept, VB/bundles, IB, VS %, IS %, NC %, OL, OR, F1,
+tracking wall time, seeds per second) and writes it to ``<out>/quality.tsv`` and, with the per-bundle
+metrics and the settings, ``<out>/quality.json``. Times are those of whole commands, start-up included
+(imports, model and data loading: 2-3 s for scilpy, 3-8 s for the learned trackers on 2 CPU cores), all on
+one CPU thread (scilpy's tracking is single-threaded); each learned tracker's own rate is in its log under
+``<out>/tractograms/``.
+
+    python benchmarks/quality.py --out quality                   # default recipe (see DEFAULT_* below)
+    python benchmarks/quality.py --out quality_quick --quick     # smoke run: tiny cohort, 2 epochs
+    python benchmarks/quality.py --out quality --cohort demo --l2t_experiment exps/l2t --tt_experiment exps/tt
+"""
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from dipy.io.streamline import load_tractogram
+from scipy.spatial import cKDTree
+
+from trackflow.data.demo import (DEFAULT_SHAPE, DEFAULT_STREAMLINES_PER_BUNDLE, SH_BASIS, TINY_SHAPE,
+                                 make_demo_cohort)
+from trackflow.data.hdf5.creation import create_hdf5_dataset, read_subject_list
+from trackflow.models.persistence import load_experiment_model
+from trackflow.scoring.baseline import run_scilpy_local_tracking, seeds_from_mask
+from trackflow.scoring.tractometer import load_ground_truth, score_streamlines, score_tractogram_file
+
+LOGGER = logging.getLogger("quality")
+
+# hdf5 groups of the demo cohort's config (trackflow.data.demo.HDF5_CONFIG).
+INPUT_GROUP, STREAMLINE_GROUP = "input", "streamlines"
+SEEDING_GROUP, TRACKING_MASK_GROUP = "interface_mask", "wm_mask"
+
+# The demo recipe (gotchas.md, "What trains well on a small simulated phantom"): one step = half a voxel
+# (0.75 mm on the demo's 1.5 mm grid, as 0.5 mm on the 1 mm phantom the recipe was found on).
+DEFAULT_STEP_MM = 0.75
+COMMON_TRAINING = [
+    "--neighborhood_type", "axes", "--neighborhood_radius", "1", "--neighborhood_resolution", "1",
+    "--input_embedding_key", "nn_embedding", "--input_embedded_size", "64",
+    "--dg_key", "sphere-classification", "--add_eos",
+    "--noise_gaussian_size_forward", "0.1", "--reverse_ratio", "0.5",
+    "--batch_size_validation", "100", "--max_batches_per_epoch_validation", "5", "--rng", "1234"]
+L2T_RECIPE = ["--rnn_key", "gru", "--rnn_layer_sizes", "128", "128", "--nb_previous_dirs", "2",
+              "--normalize_prev_dirs", "--learning_rate", "0.001"]
+# A small encoder-only transformer: one stack instead of TTO's two halves the cost on 2 CPU cores.
+TT_RECIPE = ["--model", "TTS", "--nheads", "4", "--n_layers_e", "2", "--ffnn_hidden_size", "128",
+             "--dropout_rate", "0.1", "--learning_rate", "0.0005"]
+
+QUICK_DEFAULTS = dict(n_subjects=3, streamlines_per_bundle=30, shape=list(TINY_SHAPE), epochs=2,
+                      batches_per_epoch=5, nt=300)
+
+ONE_THREAD_ENV = os.environ | {"OMP_NUM_THREADS": "1"}
+
+TABLE_COLUMNS = ["tracker", "n_streamlines", "VB", "IB", "VS_%", "IS_%", "NC_%", "OL", "OR", "F1",
+                 "tracking_s", "seeds_per_s"]
+
+
+def build_parser():
+    # No abbreviations: parse_args looks for the literal --quick before parsing.
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--out", required=True, help="Output folder (cohort, hdf5, experiments, tractograms, "
+                                                "scores, quality.tsv/json).")
+    p.add_argument("--quick", action="store_true",
+                   help=f"Smoke-test defaults: {QUICK_DEFAULTS} (explicit options still win).")
+    data = p.add_argument_group("Cohort")
+    data.add_argument("--cohort", help="Demo cohort folder, reused if it exists [<out>/cohort].")
+    data.add_argument("--n_subjects", type=int, default=4,
+                      help="Subjects of a new cohort (4: 2 training, 1 validation, 1 testing). [%(default)s]")
+    data.add_argument("--streamlines_per_bundle", type=int, default=DEFAULT_STREAMLINES_PER_BUNDLE,
+                      help="Ground-truth streamlines per bundle of a new cohort. [%(default)s]")
+    data.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE),
+                      help="Volume shape of a new cohort. [%(default)s]")
+    data.add_argument("--subject", help="Subject to track [the first testing subject].")
+    train = p.add_argument_group("Training (skipped for reused experiments)")
+    train.add_argument("--l2t_experiment", help="Trained Learn2track experiment folder to reuse.")
+    train.add_argument("--tt_experiment", help="Trained TractoTransformer experiment folder to reuse.")
+    train.add_argument("--epochs", type=int, default=30, help="[%(default)s]")
+    train.add_argument("--batches_per_epoch", type=int, default=20, help="[%(default)s]")
+    train.add_argument("--batch_size", type=int, default=100, help="Streamlines per batch. [%(default)s]")
+    track = p.add_argument_group("Tracking (identical for every tracker)")
+    track.add_argument("--nt", type=int, default=5000, help="Seeds in the interface mask. [%(default)s]")
+    track.add_argument("--rng_seed", type=int, default=0, help="[%(default)s]")
+    track.add_argument("--step_size", type=float, default=DEFAULT_STEP_MM, help="mm. [%(default)s]")
+    track.add_argument("--theta", type=float, default=45.0,
+                       help="Largest angle between steps, degrees. [%(default)s]")
+    track.add_argument("--min_length", type=float, default=10.0, help="mm. [%(default)s]")
+    track.add_argument("--max_length", type=float, default=200.0, help="mm. [%(default)s]")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    if "--quick" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**QUICK_DEFAULTS)
+    return parser.parse_args(argv)
+
+
+def _fail_unless_zero(command, returncode: int, log_path: Path) -> None:
+    if returncode != 0:
+        tail = log_path.read_text().strip().splitlines()[-5:]
+        raise SystemExit(f"{Path(command[0]).name} failed (exit {returncode}), see {log_path}:\n"
+                         + "\n".join(tail))
+
+
+def run_command(command, log_path: Path) -> float:
+    """Run a console script on one torch thread, its output to ``log_path``; return its wall time.
+
+    One thread, as scilpy's tracking: the rates compare per core, and they stay stable on a shared machine
+    (measured: tt det tracking at 335 seeds/s on one thread, 84 on two, while another process ran).
+    """
+    command = [str(c) for c in command]
+    LOGGER.info("$ %s", " ".join(command))
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=ONE_THREAD_ENV)
+    _fail_unless_zero(command, completed.returncode, log_path)
+    return time.perf_counter() - started
+
+
+def run_side_by_side(commands: dict, out: Path) -> dict:
+    """Run the commands together, one torch thread each; return each one's wall time (s) by name.
+
+    Measured on the 2 shared cores of the dev machine: both default recipes side by side, one thread each,
+    took 5.5 to 9 min; one at a time with torch's 2 threads, l2t alone needed 30-70 s per epoch (over 15 min for
+    30 epochs): two threads oversubscribe the cores as soon as anything else runs.
+    """
+    started = time.perf_counter()
+    running = {}
+    for name, command in commands.items():
+        command = [str(c) for c in command]
+        LOGGER.info("$ %s", " ".join(command))
+        log_path = out / f"train_{name}.log"
+        log = open(log_path, "w")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=ONE_THREAD_ENV)
+        running[name] = (command, process, log, log_path)
+    seconds = {}
+    while len(seconds) < len(running):
+        time.sleep(1.0)
+        for name, (command, process, log, log_path) in running.items():
+            if name not in seconds and process.poll() is not None:
+                seconds[name] = time.perf_counter() - started
+                log.close()
+                _fail_unless_zero(command, process.returncode, log_path)
+    return seconds
+
+
+def console_script(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def prepare_cohort(args, out: Path) -> tuple[Path, Path]:
+    """(cohort folder, hdf5 file), made if missing."""
+    cohort = Path(args.cohort) if args.cohort else out / "cohort"
+    if not (cohort / "dwi_ml_ready").is_dir():
+        LOGGER.info("making a %d-subject demo cohort in %s", args.n_subjects, cohort)
+        make_demo_cohort(cohort, n_subjects=args.n_subjects,
+                         streamlines_per_bundle=args.streamlines_per_bundle, shape=args.shape)
+    hdf5 = out / "cohort.hdf5"
+    if not hdf5.exists():
+        config = cohort / "config"
+        create_hdf5_dataset(cohort / "dwi_ml_ready", hdf5, config / "hdf5_config.json",
+                            config / "training_subjs.txt", config / "validation_subjs.txt",
+                            config / "testing_subjs.txt")
+    return cohort, hdf5
+
+
+def train_missing_models(args, hdf5: Path, out: Path) -> dict:
+    """Experiment folder and training wall time (None when reused) of each family, training the missing ones
+    side by side."""
+    experiments = {}
+    to_train = {}
+    for family, reused in (("l2t", args.l2t_experiment), ("tt", args.tt_experiment)):
+        experiment = Path(reused) if reused else out / "experiments" / family
+        experiments[family] = experiment
+        if reused:
+            continue
+        if (experiment / "best_model").is_dir():
+            LOGGER.warning("reusing %s, trained by an earlier run (delete it to retrain)", experiment)
+            continue
+        experiment.parent.mkdir(parents=True, exist_ok=True)
+        recipe = L2T_RECIPE if family == "l2t" else TT_RECIPE
+        to_train[family] = [console_script(f"{family}_train_model"), experiment.parent, family, hdf5,
+                            INPUT_GROUP, STREAMLINE_GROUP, "--step_size", args.step_size,
+                            "--max_epochs", args.epochs, "--max_batches_per_epoch_training",
+                            args.batches_per_epoch, "--batch_size_training", args.batch_size,
+                            *COMMON_TRAINING, *recipe, "-v"]
+    seconds = run_side_by_side(to_train, out) if to_train else {}
+    return {family: {"experiment": str(experiment), "train_s": seconds.get(family),
+                     "epochs": epochs_trained(experiment)} for family, experiment in experiments.items()}
+
+
+def epochs_trained(experiment: Path) -> int:
+    log = experiment / "logs" / "train_loss_monitor_per_epoch.npy"
+    return len(np.load(log)) if log.exists() else 0
+
+
+def track_learned(family, algo, experiment, subject, hdf5, args, out: Path) -> tuple[Path, float]:
+    tractogram = out / "tractograms" / f"{family}_{algo}.trk"
+    command = [console_script(f"{family}_track_from_model"), experiment, subject, INPUT_GROUP, tractogram,
+               SEEDING_GROUP, "--hdf5_file", hdf5, "--algo", algo, "--step_size", args.step_size,
+               "--theta", args.theta, "--min_length", args.min_length, "--max_length", args.max_length,
+               "--tracking_mask_group", TRACKING_MASK_GROUP, "--nt", args.nt, "--rng_seed", args.rng_seed,
+               "--save_seeds", "-f"]
+    return tractogram, run_command(command, out / "tractograms" / f"{family}_{algo}.log")
+
+
+def check_same_seeds(tractogram: Path, reference_image: Path, seeds_vox_corner: np.ndarray) -> None:
+    """The seeds a learned tracker saved (vox/center) must be points of the baseline's seed list."""
+    if not tractogram.exists():
+        return
+    saved = load_tractogram(str(tractogram), str(reference_image), bbox_valid_check=False
+                            ).data_per_streamline["seeds"] + 0.5
+    distance_to_list, _ = cKDTree(seeds_vox_corner).query(saved)
+    unknown = int(np.sum(distance_to_list > 1e-3))
+    if unknown:
+        raise SystemExit(f"{tractogram}: {unknown} of {len(saved)} seeds are not in the baseline's seed list")
+
+
+def score(tractogram: Path, bundles_dir: Path) -> dict:
+    """Metrics of a tractogram; a tracker that kept nothing (no file written) scores as empty."""
+    if tractogram.exists():
+        return score_tractogram_file(tractogram, bundles_dir)
+    bundles, _ = load_ground_truth(bundles_dir)
+    return score_streamlines([], bundles)
+
+
+def table_row(name: str, metrics: dict, seconds: float, n_seeds: int) -> dict:
+    return {"tracker": name, "n_streamlines": metrics["n_streamlines"],
+            "VB": f"{metrics['VB']}/{metrics['n_bundles']}", "IB": metrics["IB"],
+            "VS_%": round(100 * metrics["VS_ratio"], 1), "IS_%": round(100 * metrics["IS_ratio"], 1),
+            "NC_%": round(100 * metrics["NC_ratio"], 1), "OL": round(metrics["OL"], 3),
+            "OR": round(metrics["OR"], 3), "F1": round(metrics["F1"], 3), "tracking_s": round(seconds, 1),
+            "seeds_per_s": round(n_seeds / seconds, 1)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out = Path(args.out)
+    (out / "tractograms").mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    cohort, hdf5 = prepare_cohort(args, out)
+    subject = args.subject or read_subject_list(cohort / "config" / "testing_subjs.txt")[0]
+    subject_dir = cohort / "dwi_ml_ready" / subject
+    fodf = subject_dir / "dwi" / f"{subject}__fodf.nii.gz"
+    interface = subject_dir / "other_masks" / f"{subject}__interface.nii.gz"
+    wm_mask = subject_dir / "masks" / f"{subject}__mask_wm.nii.gz"
+    bundles_dir = subject_dir / "bundles"
+
+    training = train_missing_models(args, hdf5, out)
+    experiments = {family: Path(info["experiment"]) for family, info in training.items()}
+
+    seeds = seeds_from_mask(interface, rng_seed=args.rng_seed, nt=args.nt)
+    rows, metrics_by_tracker = [], {}
+    for family in ("l2t", "tt"):
+        algos = ["det"]
+        if load_experiment_model(experiments[family]).direction_getter.supports_sampling:
+            algos.append("prob")
+        for algo in algos:
+            tractogram, seconds = track_learned(family, algo, experiments[family], subject, hdf5, args, out)
+            check_same_seeds(tractogram, fodf, seeds)
+            name = f"{family} {algo}"
+            metrics_by_tracker[name] = score(tractogram, bundles_dir)
+            rows.append(table_row(name, metrics_by_tracker[name], seconds, args.nt))
+    for algo in ("prob", "det"):
+        run = run_scilpy_local_tracking(fodf, interface, wm_mask, out / "tractograms" / f"scilpy_{algo}.trk",
+                                        algo=algo, step_size=args.step_size, theta=args.theta, seeds=seeds,
+                                        min_length=args.min_length, max_length=args.max_length,
+                                        rng_seed=args.rng_seed, overwrite=True)
+        name = f"scilpy {algo}"
+        metrics_by_tracker[name] = score(run.tractogram, bundles_dir)
+        rows.append(table_row(name, metrics_by_tracker[name], run.seconds, run.n_seeds))
+
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    table.to_csv(out / "quality.tsv", sep="\t", index=False)
+    voxel_mm = float(nib.load(fodf).header.get_zooms()[0])
+    settings = vars(args) | {"subject": subject, "cohort": str(cohort), "voxel_mm": voxel_mm,
+                             "sh_basis": SH_BASIS, "seeds": "interface mask, the same list for all"}
+    (out / "quality.json").write_text(json.dumps(
+        {"settings": settings, "training": training, "table": rows, "metrics": metrics_by_tracker},
+        indent=2, default=str))
+    print(f"\nsubject {subject}, {args.nt} seeds (interface mask, same for all), step {args.step_size} mm "
+          f"({args.step_size / voxel_mm:.2f} voxel), theta {args.theta} deg, length "
+          f"[{args.min_length}, {args.max_length}] mm, tracking mask = WM mask")
+    for family, info in training.items():
+        how = f"trained in {info['train_s']:.0f} s" if info["train_s"] is not None else "reused"
+        print(f"{family}: {info['epochs']} epochs, {how} ({info['experiment']})")
+    print(table.to_string(index=False))
+    print(f"\nwritten {out / 'quality.tsv'} and {out / 'quality.json'}; "
+          f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
