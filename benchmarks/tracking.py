@@ -39,25 +39,34 @@ from trackflow.tracking.tracker import Tracker, TrackingParameters
 
 
 class FullRecomputeModel:
-    """Tracking interface over a model's whole-sequence ``forward``: no state, every step recomputes the
-    whole streamline (the reference for KV-cached tracking, and dwi_ml's transformer tracking cost)."""
+    """Tracking interface over a model's whole-sequence ``forward``: every step re-runs the whole streamline
+    (the reference for KV-cached tracking). As dwi_ml's transformer tracking, only the new point is
+    interpolated; the inputs of earlier points are kept per slot and fed again with the whole sequence."""
 
     def __init__(self, model):
         self.model = model
         self.direction_getter = model.direction_getter
 
     def new_tracking_state(self, volume, n_slots, max_points):
-        return volume
+        return {"volume": volume,
+                "inputs": volume.new_zeros(n_slots, max_points, self.model.input_size)}  # [S, P, Fin]
 
     def reset_tracking_rows(self, state, rows, points, lengths):
-        pass
+        """Store the inputs of points[b, :lengths[b]-1] (dwi_ml reuses the forward half's inputs)."""
+        is_prefix = torch.arange(points.shape[1], device=points.device)[None] < (lengths - 1)[:, None]
+        if bool(is_prefix.any()):
+            inputs = state["inputs"][rows]
+            inputs[is_prefix] = self.model.compute_inputs(state["volume"], points[is_prefix])
+            state["inputs"][rows] = inputs
 
     @torch.no_grad()
-    def tracking_step(self, volume, rows, points, lengths):
+    def tracking_step(self, state, rows, points, lengths):
         """points [B, T, 3], lengths [B] -> raw head output at each row's last point [B, K]."""
+        batch = torch.arange(len(rows), device=rows.device)
+        state["inputs"][rows, lengths - 1] = self.model.compute_inputs(state["volume"], points[batch, lengths - 1])
         is_real = torch.arange(points.shape[1], device=points.device)[None] < lengths[:, None]  # [B, T]
-        inputs = self.model.compute_inputs(volume, points[is_real])  # [sum L, Fin], row-major
         split = lengths.tolist()
+        inputs = state["inputs"][rows][:, :points.shape[1]][is_real]  # [sum L, Fin], row-major
         raw = self.model(list(inputs.split(split)), list(points[is_real].split(split)))  # [sum L, K]
         return raw[torch.cumsum(lengths, 0) - 1]
 

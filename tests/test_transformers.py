@@ -10,6 +10,7 @@ from dipy.data import get_sphere
 from torch import nn
 
 from trackflow.errors import TrackflowError
+from trackflow.models import transformers
 from trackflow.models.persistence import load_model_dir
 from trackflow.models.transformers import (OriginalTransformerModel, TransformerSrcAndTgtModel,
                                            TransformerSrcOnlyModel)
@@ -406,3 +407,41 @@ def test_tracking_refuses_more_points_than_allocated():
     line = random_walks(generator, [4])[0][None]
     with pytest.raises(TrackflowError, match="max_points"):
         model.tracking_step(state, torch.tensor([0]), line, torch.tensor([4]))
+
+
+@pytest.mark.parametrize("name", ["TTO", "TTST-sphere"])
+def test_few_rows_among_many_slots_equal_the_whole_sequence_forward(name):
+    # Few rows of many slots: their keys are gathered instead of attended in place (the tracker's tail).
+    # The attended width follows the longest cached prefix and comes back down once it is replaced.
+    model = build(name, max_len=256)
+    generator = torch.Generator().manual_seed(7)
+    volume = random_volume(generator)
+    long_line, short_line, replacement = random_walks(generator, [61, 21, 30])
+    expected_long, expected_short, expected_replacement = whole_sequence_outputs(
+        model, volume, [long_line, short_line, replacement])
+    state = model.new_tracking_state(volume, n_slots=40, max_points=100)
+    worst, widths = 0.0, []
+    with torch.no_grad():
+        model.reset_tracking_rows(state, torch.tensor([33, 7]), padded([long_line, short_line], [1, 1]),
+                                  torch.tensor([1, 1]))
+        for step in range(60):
+            lines, slots, outputs = [long_line], [33], [expected_long]
+            if step < 20:
+                lines, slots, outputs = lines + [short_line], slots + [7], outputs + [expected_short]
+            lengths = torch.tensor([step + 1] * len(slots) + [1, 1])
+            widths.append(state.keys_to_attend())
+            raw = model.tracking_step(state, torch.tensor(slots + [0, 0]),  # scratch slot 0, twice
+                                      padded(lines + [long_line] * 2, lengths), lengths)
+            reference = torch.stack([out[step] for out in outputs])
+            worst = max(worst, float((raw[:len(slots)] - reference).abs().max()))
+        # slot 33 starts a new streamline: the bound must not stay at the old line's 60 points
+        model.reset_tracking_rows(state, torch.tensor([33]), padded([replacement], [1]), torch.tensor([1]))
+        for step in range(29):
+            lengths = torch.tensor([step + 1])
+            widths.append(state.keys_to_attend())
+            raw = model.tracking_step(state, torch.tensor([33]), padded([replacement], lengths), lengths)
+            worst = max(worst, float((raw[0] - expected_replacement[step]).abs().max()))
+    assert worst <= 1e-5
+    assert max(widths[:60]) <= 60 + transformers.EXACT_BOUND_EVERY  # never far above the longest row
+    assert widths[-1] <= 29 + transformers.EXACT_BOUND_EVERY  # the 60-point prefix is forgotten
+    assert widths[-1] < 60

@@ -215,21 +215,22 @@ def test_tt_only_uses_the_tt_scripts_with_the_configured_training_options(tmp_pa
     (train,) = shell_commands(out, "tt_train_model")
     assert train.split()[1:6] == ["results/models", "tt_demo", "results/hdf5/cohort.hdf5", "input",
                                   "streamlines"]
-    assert "--model TTS" in train and "--max_epochs 4" in train
+    epochs = models["tt_demo"]["training_options"]["max_epochs"]
+    assert "--model TTS" in train and f"--max_epochs {epochs}" in train
     assert len(shell_commands(out, "tt_track_from_model")) == len(DEMO_CONFIG["tracking_subjects"])
     assert len(shell_commands(out, "tt_visualize_loss")) == len(DEMO_CONFIG["tracking_subjects"])
 
 
 def test_prob_tracking_passes_every_tracking_option(tmp_path):
     tracking = dict(DEMO_CONFIG["tracking"], algo="prob", npv=3, nt=None, step_size=0.75, theta=45,
-                    eos_stop="max", discard_last=True, rng_seed=7, output_format="trx")
+                    eos_stop=0.3, discard_last=True, rng_seed=7, output_format="trx")
     write_config(tmp_path, demo_config(tracking=tracking))
     result = snakemake(tmp_path, "-n", "-p")
     (track, *_) = shell_commands(result.stdout, "l2t_track_from_model")
     words = track.split()
     assert words[4].endswith(".trx") and words[5] == DEMO_CONFIG["tracking"]["seeding_mask_group"]
     for option, value in [("--algo", "prob"), ("--npv", "3"), ("--step_size", "0.75"), ("--theta", "45"),
-                          ("--eos_stop", "max"), ("--rng_seed", "7"), ("--tracking_mask_group", "wm_mask"),
+                          ("--eos_stop", "0.3"), ("--rng_seed", "7"), ("--tracking_mask_group", "wm_mask"),
                           ("--hdf5_file", "results/hdf5/cohort.hdf5"), ("--subset", "testing")]:
         assert words[words.index(option) + 1] == value, option
     assert "--discard_last_point" in words and "--nt" not in words and "--use_gpu" not in words

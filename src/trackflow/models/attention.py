@@ -7,7 +7,7 @@ Parameter names follow torch's ``nn.TransformerEncoderLayer`` / ``nn.Transformer
 The same layer code serves the whole-sequence forward (training) and incremental decoding (tracking):
 with a :class:`KVCache` and a :class:`CacheWrite`, a layer stores the keys/values of the tokens it gets
 and attends over everything the cache holds for those rows. Shape letters: B rows, T points,
-H heads, D model width, P cache capacity (points).
+H heads, D model width, S cache slots, P cache capacity (points).
 """
 from __future__ import annotations
 
@@ -44,18 +44,23 @@ def attention_mask(query_positions: torch.Tensor, n_keys: int, lengths: torch.Te
 
 @dataclass
 class CacheWrite:
-    """Where the tokens of one call go in the caches.
+    """Where the tokens of one call go in the caches, and which keys they attend over.
 
     rows : LongTensor [B], the slots being processed (distinct, except a scratch slot whose content
         does not matter: duplicates write to it in no defined order).
     positions : LongTensor [B] or None. None: the call holds a whole prefix (tokens 0..T-1, prefill);
-        otherwise the call holds one token per row, written at that row's position.
-    n_keys : int, number of cache positions to attend over (the largest position + 1).
+        otherwise the call holds one token per row, written at that row's position (decoding).
+    n_keys : int, number of cache positions to attend over (at least the largest position + 1).
+    all_slots : bool, decoding only. True: attention runs for every slot on views of the caches (no copy)
+        and the layers' mask is [S, 1, 1, n_keys]; False: the rows' keys are gathered and the mask is
+        [B, 1, 1, n_keys]. Gathering copies B * n_keys positions per module, which costs more than
+        attending for the idle slots as soon as the rows are a fair part of the slots.
     """
 
     rows: torch.Tensor
     positions: torch.Tensor | None
     n_keys: int
+    all_slots: bool = False
 
 
 class KVCache:
@@ -73,16 +78,24 @@ class KVCache:
 
     def update(self, write: CacheWrite, keys: torch.Tensor, values: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store keys/values [B, H, T, D/H] and return those to attend over, [B, H, n_keys, D/H]."""
+        """Store keys/values [B, H, T, D/H] and return those to attend over.
+
+        Prefill: the given keys/values themselves. Decoding: [B, H, n_keys, D/H] gathered for the rows, or
+        with ``all_slots`` views [S, H, n_keys, D/H] of the caches.
+        """
         if write.positions is None:
             n_tokens = keys.shape[2]
-            self.keys[write.rows, :, :n_tokens] = keys
-            self.values[write.rows, :, :n_tokens] = values
+            # index_copy_ on a view writes through to the cache; advanced-index assignment is far slower.
+            self.keys[:, :, :n_tokens].index_copy_(0, write.rows, keys)
+            self.values[:, :, :n_tokens].index_copy_(0, write.rows, values)
             return keys, values
         self.keys[write.rows, :, write.positions] = keys[:, :, 0]
         self.values[write.rows, :, write.positions] = values[:, :, 0]
-        return (self.keys[write.rows, :, :write.n_keys],
-                self.values[write.rows, :, :write.n_keys])
+        keys, values = self.keys[:, :, :write.n_keys], self.values[:, :, :write.n_keys]
+        if write.all_slots:
+            return keys, values
+        # index_select, not keys[rows]: advanced indexing followed by a slice takes a slow strided path.
+        return keys.index_select(0, write.rows), values.index_select(0, write.rows)
 
 
 class MultiheadAttention(nn.Module):
@@ -112,9 +125,17 @@ class MultiheadAttention(nn.Module):
         batch, n_tokens, width = x.shape
         return x.view(batch, n_tokens, self.nheads, width // self.nheads).transpose(1, 2)  # [B, H, T, D/H]
 
-    def _attend(self, queries, keys, values, mask) -> torch.Tensor:
+    def _attend(self, queries, keys, values, mask, write: CacheWrite | None = None) -> torch.Tensor:
+        """Heads [B, H, T, D/H] -> [B, T, D]; with ``write.all_slots`` keys/values/mask cover every slot."""
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout)
+        if write is not None and write.all_slots:
+            # Each row's query goes to its slot; idle slots attend with a zero query and are dropped.
+            slot_queries = queries.new_zeros(keys.shape[0], *queries.shape[1:])  # [S, H, 1, D/H]
+            slot_queries.index_copy_(0, write.rows, queries)
+            out = F.scaled_dot_product_attention(slot_queries, keys, values, attn_mask=mask, dropout_p=dropout)
+            out = out.index_select(0, write.rows)
+        else:
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout)
         batch, _, n_tokens, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, n_tokens, -1)  # [B, T, D]
         return self.out_proj(out)
@@ -126,7 +147,7 @@ class MultiheadAttention(nn.Module):
         queries, keys, values = map(self._split_heads, (queries, keys, values))
         if cache is not None:
             keys, values = cache.update(write, keys, values)
-        return self._attend(queries, keys, values, mask)
+        return self._attend(queries, keys, values, mask, write)
 
     def cross_attention(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
                         cache: KVCache | None = None, write: CacheWrite | None = None) -> torch.Tensor:
@@ -137,7 +158,7 @@ class MultiheadAttention(nn.Module):
         queries, keys, values = map(self._split_heads, (queries, keys, values))
         if cache is not None:
             keys, values = cache.update(write, keys, values)
-        return self._attend(queries, keys, values, mask)
+        return self._attend(queries, keys, values, mask, write)
 
 
 class _TransformerLayer(nn.Module):

@@ -55,20 +55,44 @@ class SinusoidalPositionEncoding(nn.Module):
         return tokens + self.pos_emb[0, positions]
 
 
+# Steps between two exact readings of the longest cached prefix (one host sync each); in between, the
+# bound grows by one per step, which is where it would be if every slot kept growing.
+EXACT_BOUND_EVERY = 8
+
+
 @dataclass
 class TransformerTrackingState:
     """Per-slot caches of one tracking run (see ``MainModel.new_tracking_state``).
 
-    caches: the model's per-layer key/value caches, each [n_slots, H, max_points, D/H].
-    attend_to_all: attend over all max_points cache positions (masked by length) instead of the
-        first max(lengths). Reading max(lengths) on the host would stall a GPU at every step, so this
-        is True for GPU volumes; on CPU the read is free and saves attending over unused positions.
+    caches: the model's per-layer key/value caches, each [S, H, max_points, D/H].
+    consumed: LongTensor [S], points consumed per slot (cache positions 0 .. consumed-1 are real).
+    longest: host-side upper bound of ``consumed.max()``; a step attends over ``longest + 1`` positions,
+        so no step has to read the rows' lengths on the host (a GPU stall). By the slot invariant each
+        step adds at most one point per slot; the bound is re-read exactly every ``EXACT_BOUND_EVERY`` steps
+        (it then shrinks back when long streamlines have been replaced by new seeds).
+    attend_to_all: attend over all max_points cache positions instead (tests compare both).
     """
 
     volume: torch.Tensor  # [X, Y, Z, F]
     max_points: int
     caches: list
-    attend_to_all: bool
+    consumed: torch.Tensor
+    attend_to_all: bool = False
+    longest: int = 0
+    steps_since_exact: int = 0
+
+    @property
+    def n_slots(self) -> int:
+        return self.consumed.shape[0]
+
+    def keys_to_attend(self) -> int:
+        """Cache positions the next step attends over: >= every row's length, <= max_points."""
+        if self.attend_to_all:
+            return self.max_points
+        if self.steps_since_exact >= EXACT_BOUND_EVERY:
+            self.longest = int(self.consumed.max())
+            self.steps_since_exact = 0
+        return min(self.longest + 1, self.max_points)
 
 
 class _TractoTransformer(MainModel):
@@ -238,22 +262,21 @@ class _TractoTransformer(MainModel):
         dtype = self.position_encoding_layer.pos_emb.dtype
         return TransformerTrackingState(volume, max_points,
                                         self._new_caches(n_slots, max_points, volume.device, dtype),
-                                        attend_to_all=volume.device.type != "cpu")
+                                        torch.zeros(n_slots, dtype=torch.long, device=volume.device))
 
     def tracking_step(self, state: TransformerTrackingState, rows: torch.Tensor, points: torch.Tensor,
                       lengths: torch.Tensor) -> torch.Tensor:
         """Consume point lengths-1 of each row: points [B, T, 3], lengths [B] -> head output [B, K].
 
         Only the new token goes through the network; it attends over the cached positions < lengths.
-        Rows must be distinct, except a scratch slot whose state does not matter.
+        Rows must be distinct, except a scratch slot whose state does not matter. No host sync (but one
+        every ``EXACT_BOUND_EVERY`` steps): T must not exceed the state's max_points.
         """
-        if state.attend_to_all:
-            n_keys = state.max_points
-        else:
-            n_keys = int(lengths.max())
-            if n_keys > state.max_points:
-                raise TrackflowError(f"streamlines of {n_keys} points exceed the tracking state's "
-                                     f"max_points ({state.max_points}).")
+        if points.shape[1] > state.max_points:
+            raise TrackflowError(f"streamlines padded to {points.shape[1]} points exceed the tracking "
+                                 f"state's max_points ({state.max_points}).")
+        n_keys = state.keys_to_attend()
+        state.consumed[rows] = lengths
         last = lengths - 1
         batch = torch.arange(len(rows), device=rows.device)
         sources = self.compute_inputs(state.volume, points[batch, last])[:, None]  # [B, 1, Fin]
@@ -262,8 +285,18 @@ class _TractoTransformer(MainModel):
             arriving = points[batch, last] - points[batch, (last - 1).clamp(min=0)]
             targets = self._encode_directions(arriving, last == 0)[:, None]  # [B, 1, Tin]
         positions = last[:, None]  # [B, 1]
-        hidden = self._hidden_states(sources, targets, positions, attention_mask(positions, n_keys, lengths),
-                                     state.caches, CacheWrite(rows, last, n_keys))
+        # Measured on CPU: gathering a row's keys costs about three times attending over them in place.
+        all_slots = 4 * len(rows) >= state.n_slots
+        if all_slots:
+            # Per slot: its real positions, this step's token included (causal for a single query).
+            key_positions = torch.arange(n_keys, device=rows.device)
+            mask = (key_positions < state.consumed[:, None])[:, None, None]  # [S, 1, 1, n_keys]
+        else:
+            mask = attention_mask(positions, n_keys, lengths)  # [B, 1, 1, n_keys]
+        hidden = self._hidden_states(sources, targets, positions, mask, state.caches,
+                                     CacheWrite(rows, last, n_keys, all_slots))
+        state.longest = min(state.longest + 1, state.max_points)
+        state.steps_since_exact += 1
         return self.direction_getter(hidden[:, 0])
 
     def reset_tracking_rows(self, state: TransformerTrackingState, rows: torch.Tensor, points: torch.Tensor,
@@ -273,11 +306,13 @@ class _TractoTransformer(MainModel):
         Positions beyond a row's prefix keep stale values; they are masked by length until overwritten.
         """
         prefix_lengths = lengths - 1
+        state.consumed[rows] = prefix_lengths
         has_prefix = prefix_lengths > 0
         rows, points, prefix_lengths = rows[has_prefix], points[has_prefix], prefix_lengths[has_prefix]
         if len(rows) == 0:
             return
         n_points = int(prefix_lengths.max())
+        state.longest = max(state.longest, n_points)
         points = points[:, :n_points]
         positions = torch.arange(n_points, device=rows.device)[None]  # [1, T]
         is_real = positions < prefix_lengths[:, None]  # [B, T]
