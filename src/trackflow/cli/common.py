@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -91,6 +92,32 @@ def check_model_family(model_type: str, expected_family: str, script: str) -> No
     family = "l2t" if model_type in L2T_MODEL_TYPES else "tt"
     if family != expected_family:
         raise TrackflowError(f"this experiment holds a {model_type}: use {family}_{script}")
+
+
+@contextlib.contextmanager
+def atomic_directory(final_dir):
+    """Yield a temporary directory beside ``final_dir`` that replaces it only on success.
+
+    The old directory (if any) is moved aside, the new one renamed into place, then the old one deleted:
+    an interrupted writer leaves the previous directory untouched and no partial one under the name.
+    """
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".tmp", dir=final_dir.parent))
+    try:
+        yield tmp_dir
+        tmp_dir.chmod(0o755)  # mkdtemp makes it private
+        if final_dir.exists():
+            # A directory cannot be renamed over a non-empty one.
+            old_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".old", dir=final_dir.parent))
+            os.replace(final_dir, old_dir / final_dir.name)
+            os.replace(tmp_dir, final_dir)
+            shutil.rmtree(old_dir)
+        else:
+            os.replace(tmp_dir, final_dir)
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
 
 
 def _interrupt_on_sigterm(signum, frame):

@@ -28,9 +28,6 @@ in RASMM through dipy's ``StatefulTractogram``.
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -49,7 +46,7 @@ from dipy.reconst.shm import sh_to_sf_matrix
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from trackflow.cli.common import check_outputs
+from trackflow.cli.common import atomic_directory, check_outputs
 from trackflow.errors import TrackflowError
 
 LOGGER = logging.getLogger(__name__)
@@ -505,9 +502,7 @@ def make_demo_cohort(out_dir, n_subjects: int = 4, seed: int = 0,
     csd_model = ConstrainedSphericalDeconvModel(gtab, (FIBRE_EVALS, S0), sh_order_max=SH_ORDER)
     subject_seeds = np.random.SeedSequence(seed).spawn(n_subjects)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as staging:
         for subject_id, subject_seed in zip(subject_ids, subject_seeds):
             make_demo_subject(staging / "dwi_ml_ready" / subject_id, subject_id, shape,
                               streamlines_per_bundle, np.random.default_rng(subject_seed), gtab, csd_model)
@@ -518,19 +513,6 @@ def make_demo_cohort(out_dir, n_subjects: int = 4, seed: int = 0,
         for split, ids in zip(("training", "validation", "testing"), split_subjects(subject_ids)):
             (config_dir / f"{split}_subjs.txt").write_text("".join(f"{s}\n" for s in ids))
         (staging / "README.txt").write_text(_readme_text(subject_ids, shape, seed, streamlines_per_bundle))
-        staging.chmod(0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            # Move the old cohort aside first so that the final name is never missing a complete cohort
-            # for longer than two renames.
-            previous = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.replace(out_dir, previous / "cohort")
-            os.replace(staging, out_dir)
-            shutil.rmtree(previous)
-        else:
-            os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     LOGGER.info("demo cohort of %d subjects written to %s in %.1f s", n_subjects, out_dir,
                 time.perf_counter() - started)
     return out_dir

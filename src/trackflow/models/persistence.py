@@ -6,15 +6,13 @@ deprecated experiment" scripts rewrite (``dwi_ml-checkpoints.md`` §1.6).
 
 import importlib
 import json
-import os
 import pickle
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
+from trackflow.cli.common import atomic_directory
 from trackflow.errors import TrackflowError
 
 PARAMETERS_FILE = "parameters.json"
@@ -98,25 +96,11 @@ def save_model_dir(model, path) -> None:
     The files are written into a temporary sibling folder that is renamed to ``path`` only when
     complete, so an interrupted save never leaves a half-written model under the final name.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp_dir:
         with open(tmp_dir / PARAMETERS_FILE, "w") as f:
             json.dump(model.params_for_checkpoint(), f, indent=4)
         (tmp_dir / MODEL_TYPE_FILE).write_text(type(model).__name__)
         torch.save(model.state_dict(), tmp_dir / STATE_FILE)
-        if path.exists():
-            # A directory cannot be renamed over a non-empty one: move the old one aside first.
-            old_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old_dir / path.name)
-            os.replace(tmp_dir, path)
-            shutil.rmtree(old_dir)
-        else:
-            os.replace(tmp_dir, path)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir)
 
 
 def _read_model_type(path: Path) -> str:

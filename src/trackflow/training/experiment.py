@@ -17,13 +17,12 @@ state together), so a run killed while saving leaves the previous checkpoint int
 import datetime
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trackflow.cli.common import atomic_output
+from trackflow.cli.common import atomic_directory, atomic_output
 from trackflow.errors import TrackflowError
 from trackflow.models.persistence import save_model_dir
 
@@ -101,7 +100,7 @@ class ExperimentFolder:
 
     def save_checkpoint(self, model, state: dict) -> None:
         """Write ``checkpoint/`` (model dir and trainer state) as one atomic directory replacement."""
-        with _AtomicDir(self.checkpoint_dir) as tmp_dir:
+        with atomic_directory(self.checkpoint_dir) as tmp_dir:
             save_model_dir(model, tmp_dir / "model")
             torch.save(state, tmp_dir / "checkpoint_state.pkl")
 
@@ -120,32 +119,3 @@ class ExperimentFolder:
         """Monitor name -> per-epoch array, for the log files present."""
         return {name: np.load(self.logs_dir / file_name) for name, file_name in LOG_FILES.items()
                 if (self.logs_dir / file_name).is_file()}
-
-
-class _AtomicDir:
-    """Context manager yielding a temporary directory that replaces ``final_dir`` on success.
-
-    Sequence: write ``tmp``, rename the old directory aside, rename ``tmp`` into place, delete the old one;
-    an exception while writing leaves the old directory untouched.
-    """
-
-    def __init__(self, final_dir: Path):
-        self.final_dir = Path(final_dir)
-
-    def __enter__(self) -> Path:
-        self.final_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.final_dir.name}.", dir=self.final_dir.parent))
-        return self.tmp_dir
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
-            return False
-        old = self.final_dir.with_name(f".{self.final_dir.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if self.final_dir.exists():
-            self.final_dir.rename(old)
-        self.tmp_dir.rename(self.final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        return False
