@@ -8,13 +8,16 @@ skip concatenations -> direction getter.
 Two ways to run the same network:
 - ``forward``: whole sequences, packed (sorting handled by torch), one output row per input row;
 - the tracking interface: one new point per streamline per call, hidden states kept per slot in
-  preallocated tensors, read and written by row index.
+  preallocated tensors, read and written by row index. Tracking (steps and the ragged prefill of
+  ``reset_tracking_rows``) goes through ``StackedRNN.step`` on row blocks padded to a multiple of
+  ``ROW_BLOCK``, so a row's result never depends on which or how many other rows share the call.
 """
 
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from trackflow.errors import TrackflowError
@@ -24,6 +27,23 @@ from trackflow.models.embeddings import (make_embedding, previous_directions,
 
 RNN_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU}
 PREV_DIRS_EMBEDDING_KEYS = ("no_embedding", "nn_embedding")
+# MKL's sgemm rounds a row differently when the product has 1-3 rows, and with several threads when the
+# row count is not a multiple of 4 (measured: all counts up to 20000 rows, 1-8 threads, AVX-512 CPU).
+# Tracking computes on blocks padded to a multiple of this, so results do not depend on the slot count.
+ROW_BLOCK = 32
+
+
+def padded_row_count(n_rows: int) -> int:
+    """``n_rows`` rounded up to a multiple of ``ROW_BLOCK``."""
+    return -(-n_rows // ROW_BLOCK) * ROW_BLOCK
+
+
+def pad_rows_index(n_rows: int, device) -> torch.Tensor:
+    """Indices [0, n_rows) followed by zeros up to ``padded_row_count(n_rows)``: index_select with it
+    repeats row 0 as padding (any content would do; rows never mix)."""
+    index = torch.zeros(padded_row_count(n_rows), dtype=torch.long, device=device)
+    index[:n_rows] = torch.arange(n_rows, device=device)
+    return index
 
 
 class StackedRNN(nn.Module):
@@ -98,6 +118,70 @@ class StackedRNN(nn.Module):
             layer_outputs.append(out)
         if self.use_skip_connection:
             return torch.cat(layer_outputs + [rnn_input], dim=-1), new_hidden
+        return layer_outputs[-1], new_hidden
+
+    def _cell(self, i: int, x: torch.Tensor, hidden: tuple) -> tuple:
+        """One time step of layer i, written out with torch's GRU/LSTM equations.
+
+        Explicit matrix products (rather than ``nn.GRU``/``nn.LSTM`` on a length-1 sequence) keep every
+        row's rounding under the caller's control: torch's LSTM may take a oneDNN path of its own.
+
+        Parameters
+        ----------
+        x : Tensor[B, in_i]
+        hidden : tuple of Tensor[B, L_i]
+            (h,) for GRU, (h, c) for LSTM.
+
+        Returns
+        -------
+        tuple of Tensor[B, L_i]
+            The new state, same format.
+        """
+        rnn = getattr(self, f"rnn_{i}")
+        input_gates = F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0)
+        hidden_gates = F.linear(hidden[0], rnn.weight_hh_l0, rnn.bias_hh_l0)
+        if self.is_lstm:
+            in_gate, forget_gate, cell_gate, out_gate = (input_gates + hidden_gates).chunk(4, dim=1)
+            c = torch.sigmoid(forget_gate) * hidden[1] + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
+            return torch.sigmoid(out_gate) * torch.tanh(c), c
+        input_r, input_z, input_n = input_gates.chunk(3, dim=1)
+        hidden_r, hidden_z, hidden_n = hidden_gates.chunk(3, dim=1)
+        reset = torch.sigmoid(input_r + hidden_r)
+        update = torch.sigmoid(input_z + hidden_z)
+        candidate = torch.tanh(input_n + reset * hidden_n)
+        return (candidate + update * (hidden[0] - candidate),)
+
+    def step(self, x: torch.Tensor, hidden: list) -> tuple:
+        """One time step of all layers (tracking); same network as ``forward``.
+
+        Each output row depends on its own input and state only, provided B is a multiple of ROW_BLOCK.
+
+        Parameters
+        ----------
+        x : Tensor[B, I]
+        hidden : list of tuple of Tensor[B, L_i]
+            Per layer, (h,) for GRU, (h, c) for LSTM.
+
+        Returns
+        -------
+        outputs : Tensor[B, R]
+        new_hidden : list of tuple of Tensor[B, L_i]
+        """
+        layer_outputs, new_hidden = [], []
+        layer_input = x
+        last = len(self.layer_sizes) - 1
+        for i, layer_hidden in enumerate(hidden):
+            layer_state = self._cell(i, layer_input, layer_hidden)
+            new_hidden.append(layer_state)
+            out = layer_state[0]
+            if self.use_layer_normalization:
+                out = getattr(self, f"layer_norm_{i}")(out)
+            if i < last:
+                out = torch.relu(self.dropout(out))
+                layer_input = torch.cat([out, x], dim=-1) if self.use_skip_connection else out
+            layer_outputs.append(out)
+        if self.use_skip_connection:
+            return torch.cat(layer_outputs + [x], dim=-1), new_hidden
         return layer_outputs[-1], new_hidden
 
 
@@ -284,15 +368,14 @@ class Learn2TrackModel(MainModel):
         return L2TTrackingState(volume=volume, hidden=hidden)
 
     def _gather_hidden(self, state: L2TTrackingState, rows: torch.Tensor) -> list:
-        """The rows' states in torch's format ([1, B, L_i] tensors)."""
-        gathered = [tuple(t.index_select(0, rows)[None] for t in layer) for layer in state.hidden]
-        return [layer if self.rnn_model.is_lstm else layer[0] for layer in gathered]
+        """The rows' states: per layer a tuple of Tensor[B, L_i] ((h,) or (h, c))."""
+        return [tuple(t.index_select(0, rows) for t in layer) for layer in state.hidden]
 
-    def _scatter_hidden(self, state: L2TTrackingState, rows: torch.Tensor, torch_hidden: list) -> None:
-        for layer, new in zip(state.hidden, torch_hidden):
-            new = new if self.rnn_model.is_lstm else (new,)
+    def _scatter_hidden(self, state: L2TTrackingState, rows: torch.Tensor, hidden: list) -> None:
+        """Write per-layer tuples of Tensor[B, L_i] into the rows' slots."""
+        for layer, new in zip(state.hidden, hidden):
             for stored, value in zip(layer, new):
-                stored.index_copy_(0, rows, value[0])
+                stored.index_copy_(0, rows, value)
 
     @torch.no_grad()
     def tracking_step(self, state: L2TTrackingState, rows: torch.Tensor, points: torch.Tensor,
@@ -303,7 +386,7 @@ class Learn2TrackModel(MainModel):
         ----------
         state : L2TTrackingState
         rows : LongTensor[B]
-            Slot indices (distinct).
+            Slot indices (the scratch slot may repeat).
         points : Tensor[B, T, 3]
             Current streamlines, padded (vox/corner).
         lengths : LongTensor[B]
@@ -313,22 +396,28 @@ class Learn2TrackModel(MainModel):
         -------
         Tensor[B, K]
         """
-        last_points = points[torch.arange(len(points), device=points.device), lengths - 1]  # [B, 3]
+        n_rows = len(rows)
+        last_points = points[torch.arange(n_rows, device=points.device), lengths - 1]  # [B, 3]
         prev_dirs = (previous_directions_at_last_point(points, lengths, self.nb_previous_dirs,
                                                        self.normalize_prev_dirs)
                      if self.nb_previous_dirs > 0 else None)
-        step_rows = self._embed(self.compute_inputs(state.volume, last_points), prev_dirs)  # [B, I]
-        outputs, new_hidden = self.rnn_model(step_rows[:, None], self._gather_hidden(state, rows))
-        self._scatter_hidden(state, rows, new_hidden)
-        return self.direction_getter(outputs[:, 0])
+        # Whole step (embedding, RNN, head) on a padded block: see ROW_BLOCK.
+        pad = pad_rows_index(n_rows, rows.device)
+        step_rows = self._embed(self.compute_inputs(state.volume, last_points[pad]),
+                                None if prev_dirs is None else prev_dirs[pad])  # [B', I]
+        outputs, new_hidden = self.rnn_model.step(step_rows, self._gather_hidden(state, rows[pad]))
+        self._scatter_hidden(state, rows, [tuple(t[:n_rows] for t in layer) for layer in new_hidden])
+        return self.direction_getter(outputs)[:n_rows]
 
     @torch.no_grad()
     def reset_tracking_rows(self, state: L2TTrackingState, rows: torch.Tensor, points: torch.Tensor,
                             lengths: torch.Tensor) -> None:
         """Set the rows' states to having consumed ``points[b, :lengths[b]-1]`` (zeros when lengths == 1).
 
-        Longer prefixes are run through the network, packed, from zero states (spec §3.3: the backward
-        half starts from the state of the reversed forward half, seed excluded).
+        Longer prefixes (spec §3.3: the backward half starts from the state of the reversed forward half,
+        seed excluded) are run from zero states one time step at a time with ``StackedRNN.step``, on the
+        rows still inside their prefix, in padded blocks: a row's state is bit-identical whatever other
+        rows are prefilled with it, and equal to stepping it with ``tracking_step`` up to rounding.
         """
         for layer in state.hidden:
             for stored in layer:
@@ -337,13 +426,33 @@ class Learn2TrackModel(MainModel):
         has_prefix = prefix_lengths > 0
         if not bool(has_prefix.any()):
             return
-        rows, points, prefix_lengths = rows[has_prefix], points[has_prefix], prefix_lengths[has_prefix]
-        in_prefix = torch.arange(points.shape[1], device=points.device)[None] < prefix_lengths[:, None]
-        prefix_points = points[in_prefix]  # [N, 3], row-major: the prefixes concatenated
+        # Longest prefix first: at time t the rows still inside their prefix are a leading block.
+        order = torch.argsort(prefix_lengths[has_prefix], descending=True, stable=True)
+        rows, points, prefix_lengths = (rows[has_prefix][order], points[has_prefix][order],
+                                        prefix_lengths[has_prefix][order])
+        n_rows, max_prefix = len(rows), int(prefix_lengths[0])
+        time = torch.arange(max_prefix, device=points.device)
+        n_active = (prefix_lengths[None] > time[:, None]).sum(1).tolist()  # per time step, one host sync
+        in_prefix = time[None] < prefix_lengths[:, None]  # [B, T']
+        prefix_points = points[:, :max_prefix][in_prefix]  # [N, 3], the prefixes concatenated
         prev_dirs = None
         if self.nb_previous_dirs > 0:
             # Padded form: the rows past a prefix only affect themselves and are masked out.
-            prev_dirs = previous_directions(points, self.nb_previous_dirs, self.normalize_prev_dirs)[in_prefix]
-        prefix_rows = self._embed(self.compute_inputs(state.volume, prefix_points), prev_dirs)
-        _, final_hidden = self._run_sequences(prefix_rows, prefix_lengths)
-        self._scatter_hidden(state, rows, final_hidden)
+            prev_dirs = previous_directions(points[:, :max_prefix], self.nb_previous_dirs,
+                                            self.normalize_prev_dirs)[in_prefix]
+        pad = pad_rows_index(len(prefix_points), points.device)
+        embedded = self._embed(self.compute_inputs(state.volume, prefix_points[pad]),
+                               None if prev_dirs is None else prev_dirs[pad])[:len(prefix_points)]  # [N, I]
+        block_rows = padded_row_count(n_rows)
+        step_rows = embedded.new_zeros(block_rows, max_prefix, embedded.shape[1])  # [B', T', I]
+        step_rows[:n_rows][in_prefix] = embedded
+        hidden = [tuple(t.new_zeros(block_rows, t.shape[1]) for t in layer) for layer in state.hidden]
+        for t, active in enumerate(n_active):
+            block = padded_row_count(active)
+            _, new_hidden = self.rnn_model.step(step_rows[:block, t], [tuple(h[:block] for h in layer)
+                                                                      for layer in hidden])
+            # Rows past their prefix (and padding) inside the block keep their state.
+            for layer, new_layer in zip(hidden, new_hidden):
+                for stored, value in zip(layer, new_layer):
+                    stored[:active] = value[:active]
+        self._scatter_hidden(state, rows, [tuple(h[:n_rows] for h in layer) for layer in hidden])

@@ -104,10 +104,10 @@ def track_from_experiment(model_family: str, experiment_path, subj_id: str, inpu
     step_mm = _step_size(model, step_size)
 
     with HDF5Cohort(hdf5_path) as cohort:
+        volume = cohort.read_volume(subj_id, input_group)  # first: a missing subject is an error
         if subj_id not in cohort.subjects(subset):
             LOGGER.warning("subject %s is not in the %s subset of %s; using it anyway", subj_id, subset,
                            hdf5_path)
-        volume = cohort.read_volume(subj_id, input_group)
         if volume.data.shape[3] != model.nb_features:
             raise TrackflowError(f"input group '{input_group}' has {volume.data.shape[3]} features but the "
                                  f"model expects {model.nb_features}")
