@@ -278,3 +278,30 @@ def test_params_for_checkpoint_rebuild_the_same_model():
     # The neighbourhood is rebuilt from the parameters, never stored (dwi_ml's key set).
     assert not any("offsets" in k for k in model.state_dict())
     assert model.neighborhood_offsets.shape == (7, 3)
+
+
+@pytest.mark.parametrize("rnn_key", ["gru", "lstm"])
+def test_tracking_rows_are_bit_identical_alone_or_with_others(rnn_key, volume, generator):
+    """A row's prefilled state and next step output are the same bits whether the row is handled alone
+    or together with rows of other prefix lengths (the rule behind slot-count independent tracking)."""
+    torch.manual_seed(3)
+    model = make_model(rnn_key=rnn_key, dropout=0.0).eval()
+    reset_lengths = [9, 2, 14, 5, 1, 7, 11]  # points consumed + 1; 1 = plain reset
+    streamlines = random_streamlines(reset_lengths, generator)
+    points, lengths = padded(streamlines), torch.tensor(reset_lengths)
+    n_rows = len(reset_lengths)
+    together = model.new_tracking_state(volume, n_rows, points.shape[1])
+    model.reset_tracking_rows(together, torch.arange(n_rows), points, lengths)
+    prefilled = [[t.clone() for t in layer] for layer in together.hidden]
+    together_out = model.tracking_step(together, torch.arange(n_rows), points, lengths)
+    for b in range(n_rows):
+        length = reset_lengths[b]
+        # alone, without padding, in a different slot of a bigger state
+        alone = model.new_tracking_state(volume, 3, length)
+        model.reset_tracking_rows(alone, torch.tensor([2]), streamlines[b][None], lengths[b:b + 1])
+        for together_layer, alone_layer in zip(prefilled, alone.hidden):
+            for together_tensor, alone_tensor in zip(together_layer, alone_layer):
+                assert torch.equal(together_tensor[b], alone_tensor[2])
+                assert bool(together_tensor[b].any()) == (length > 1)
+        alone_out = model.tracking_step(alone, torch.tensor([2]), streamlines[b][None], lengths[b:b + 1])
+        assert torch.equal(together_out[b], alone_out[0])

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from trackflow.errors import TrackflowError
@@ -27,10 +26,13 @@ from trackflow.models.embeddings import (make_embedding, previous_directions,
 
 RNN_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU}
 PREV_DIRS_EMBEDDING_KEYS = ("no_embedding", "nn_embedding")
-# MKL's sgemm rounds a row differently when the product has 1-3 rows, and with several threads when the
-# row count is not a multiple of 4 (measured: all counts up to 20000 rows, 1-8 threads, AVX-512 CPU).
-# Tracking computes on blocks padded to a multiple of this, so results do not depend on the slot count.
-ROW_BLOCK = 32
+# Measured with MKL's sgemm and torch's CPU kernels (AVX-512, 1-8 threads), a row's result changes with:
+# - the row count of a product: 1-3 rows, and with several threads a count that is not a multiple of 4;
+# - where the row sits in memory: a row not starting on a 64-byte boundary is summed in another order.
+# Tracking therefore computes on row blocks padded to a multiple of ROW_BLOCK, and feeds every matrix
+# product rows aligned to ALIGN_FLOATS: a row's result never depends on the other rows or the slot count.
+ROW_BLOCK = 4
+ALIGN_FLOATS = 16
 
 
 def padded_row_count(n_rows: int) -> int:
@@ -44,6 +46,21 @@ def pad_rows_index(n_rows: int, device) -> torch.Tensor:
     index = torch.zeros(padded_row_count(n_rows), dtype=torch.long, device=device)
     index[:n_rows] = torch.arange(n_rows, device=device)
     return index
+
+
+def aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """Same values as x [B, K], as a view whose rows start on 64-byte boundaries (see ALIGN_FLOATS).
+
+    Rows that are already aligned are returned as they are; otherwise they are copied into a buffer whose
+    row stride is K rounded up to ALIGN_FLOATS (torch's CPU allocator aligns the buffer itself). Only
+    CPU tensors are changed: the alignment rule is MKL's.
+    """
+    row_bytes = x.stride(0) * x.element_size()
+    if x.device.type != "cpu" or (x.stride(1) == 1 and row_bytes % 64 == 0 and x.data_ptr() % 64 == 0):
+        return x
+    width = -(-x.shape[1] // ALIGN_FLOATS) * ALIGN_FLOATS
+    out = x.new_empty(x.shape[0], width)[:, :x.shape[1]]
+    return out.copy_(x)
 
 
 class StackedRNN(nn.Module):
@@ -121,10 +138,13 @@ class StackedRNN(nn.Module):
         return layer_outputs[-1], new_hidden
 
     def _cell(self, i: int, x: torch.Tensor, hidden: tuple) -> tuple:
-        """One time step of layer i, written out with torch's GRU/LSTM equations.
+        """One time step of layer i with torch's GRU/LSTM cell functions.
 
-        Explicit matrix products (rather than ``nn.GRU``/``nn.LSTM`` on a length-1 sequence) keep every
-        row's rounding under the caller's control: torch's LSTM may take a oneDNN path of its own.
+        The cells (unlike ``nn.GRU``/``nn.LSTM`` on a length-1 sequence, whose LSTM may take a oneDNN path)
+        run two plain matrix products on the rows as given, so aligned rows here mean aligned products.
+        They also apply sigmoid/tanh to the gate chunks row by row; the same equations written out in
+        Python apply them to contiguous [B, L] tensors, whose elements past the last full SIMD vector
+        round differently, which made a row depend on B (measured).
 
         Parameters
         ----------
@@ -138,23 +158,17 @@ class StackedRNN(nn.Module):
             The new state, same format.
         """
         rnn = getattr(self, f"rnn_{i}")
-        input_gates = F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0)
-        hidden_gates = F.linear(hidden[0], rnn.weight_hh_l0, rnn.bias_hh_l0)
+        weights = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+        x, h = aligned_rows(x), aligned_rows(hidden[0])
         if self.is_lstm:
-            in_gate, forget_gate, cell_gate, out_gate = (input_gates + hidden_gates).chunk(4, dim=1)
-            c = torch.sigmoid(forget_gate) * hidden[1] + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
-            return torch.sigmoid(out_gate) * torch.tanh(c), c
-        input_r, input_z, input_n = input_gates.chunk(3, dim=1)
-        hidden_r, hidden_z, hidden_n = hidden_gates.chunk(3, dim=1)
-        reset = torch.sigmoid(input_r + hidden_r)
-        update = torch.sigmoid(input_z + hidden_z)
-        candidate = torch.tanh(input_n + reset * hidden_n)
-        return (candidate + update * (hidden[0] - candidate),)
+            return tuple(torch.lstm_cell(x, (h, hidden[1]), *weights))
+        return (torch.gru_cell(x, h, *weights),)
 
     def step(self, x: torch.Tensor, hidden: list) -> tuple:
         """One time step of all layers (tracking); same network as ``forward``.
 
-        Each output row depends on its own input and state only, provided B is a multiple of ROW_BLOCK.
+        Each output row depends on its own input and state only, provided B is a multiple of ROW_BLOCK
+        (the products get aligned rows here).
 
         Parameters
         ----------
@@ -367,6 +381,10 @@ class Learn2TrackModel(MainModel):
                   for size in self.rnn_layer_sizes]
         return L2TTrackingState(volume=volume, hidden=hidden)
 
+    def _embed_aligned(self, inputs: torch.Tensor, prev_dirs: torch.Tensor | None) -> torch.Tensor:
+        """``_embed`` of a padded row block [B', Fin], [B', 3n] -> [B', I], with aligned product rows."""
+        return self._embed(aligned_rows(inputs), None if prev_dirs is None else aligned_rows(prev_dirs))
+
     def _gather_hidden(self, state: L2TTrackingState, rows: torch.Tensor) -> list:
         """The rows' states: per layer a tuple of Tensor[B, L_i] ((h,) or (h, c))."""
         return [tuple(t.index_select(0, rows) for t in layer) for layer in state.hidden]
@@ -403,11 +421,11 @@ class Learn2TrackModel(MainModel):
                      if self.nb_previous_dirs > 0 else None)
         # Whole step (embedding, RNN, head) on a padded block: see ROW_BLOCK.
         pad = pad_rows_index(n_rows, rows.device)
-        step_rows = self._embed(self.compute_inputs(state.volume, last_points[pad]),
-                                None if prev_dirs is None else prev_dirs[pad])  # [B', I]
+        step_rows = self._embed_aligned(self.compute_inputs(state.volume, last_points[pad]),
+                                        None if prev_dirs is None else prev_dirs[pad])  # [B', I]
         outputs, new_hidden = self.rnn_model.step(step_rows, self._gather_hidden(state, rows[pad]))
         self._scatter_hidden(state, rows, [tuple(t[:n_rows] for t in layer) for layer in new_hidden])
-        return self.direction_getter(outputs)[:n_rows]
+        return self.direction_getter(aligned_rows(outputs))[:n_rows]
 
     @torch.no_grad()
     def reset_tracking_rows(self, state: L2TTrackingState, rows: torch.Tensor, points: torch.Tensor,
@@ -441,8 +459,8 @@ class Learn2TrackModel(MainModel):
             prev_dirs = previous_directions(points[:, :max_prefix], self.nb_previous_dirs,
                                             self.normalize_prev_dirs)[in_prefix]
         pad = pad_rows_index(len(prefix_points), points.device)
-        embedded = self._embed(self.compute_inputs(state.volume, prefix_points[pad]),
-                               None if prev_dirs is None else prev_dirs[pad])[:len(prefix_points)]  # [N, I]
+        embedded = self._embed_aligned(self.compute_inputs(state.volume, prefix_points[pad]),
+                                       None if prev_dirs is None else prev_dirs[pad])[:len(prefix_points)]
         block_rows = padded_row_count(n_rows)
         step_rows = embedded.new_zeros(block_rows, max_prefix, embedded.shape[1])  # [B', T', I]
         step_rows[:n_rows][in_prefix] = embedded
