@@ -1,8 +1,9 @@
 """Causal attention, encoder and decoder layers with a per-row key/value cache (nanoGPT-style).
 
 Parameter names follow torch's ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (packed
-``in_proj_weight``), so the weights are interchangeable with the stock layers. Attention runs through
-``torch.nn.functional.scaled_dot_product_attention``.
+``in_proj_weight``), so the weights are interchangeable with the stock layers. Attention over whole
+sequences runs through ``torch.nn.functional.scaled_dot_product_attention``; decoding one token runs as two
+batched products on views of the caches (:meth:`MultiheadAttention._attend_one_token`).
 
 The same layer code serves the whole-sequence forward (training) and incremental decoding (tracking):
 with a :class:`KVCache` and a :class:`CacheWrite`, a layer stores the keys/values of the tokens it gets
@@ -55,12 +56,37 @@ class CacheWrite:
         and the layers' mask is [S, 1, 1, n_keys]; False: the rows' keys are gathered and the mask is
         [B, 1, 1, n_keys]. Gathering copies B * n_keys positions per module, which costs more than
         attending for the idle slots as soon as the rows are a fair part of the slots.
+    _flat_index, _score_bias : decoding only, filled by :meth:`flat_index` and :meth:`score_bias` at the
+        first module of the call and reused by the others (leave them unset).
     """
 
     rows: torch.Tensor
     positions: torch.Tensor | None
     n_keys: int
     all_slots: bool = False
+    _flat_index: torch.Tensor | None = None
+    _score_bias: torch.Tensor | None = None
+
+    def flat_index(self, cache_shape: torch.Size) -> torch.Tensor:
+        """Decoding: LongTensor [2 * B * H], row-major over (key/value, row, head), of each new token's place
+        in a key/value cache [2, S, H, P, D/H] seen as [2 * S * H * P, D/H]; computed once per call, shared
+        by every module (all caches of a model have the same shape)."""
+        if self._flat_index is None:
+            _, n_slots, nheads, max_points, _ = cache_shape
+            device = self.rows.device
+            slots = torch.arange(2, device=device)[:, None] * n_slots + self.rows  # [2, B]
+            heads = torch.arange(nheads, device=device)
+            self._flat_index = ((slots[..., None] * nheads + heads) * max_points
+                                + self.positions[:, None]).reshape(-1)
+        return self._flat_index
+
+    def score_bias(self, mask: torch.Tensor, nheads: int, dtype: torch.dtype) -> torch.Tensor:
+        """Decoding: the call's boolean mask [B, 1, 1, n_keys] (the same for every module; S rows with
+        ``all_slots``) as an additive bias [B * H, 1, n_keys], 0 where attended and -inf elsewhere."""
+        if self._score_bias is None:
+            bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            self._score_bias = bias.expand(-1, nheads, -1, -1).reshape(-1, 1, mask.shape[-1])
+        return self._score_bias
 
 
 class KVCache:
@@ -72,9 +98,9 @@ class KVCache:
 
     def __init__(self, n_slots: int, nheads: int, max_points: int, head_size: int,
                  device: torch.device, dtype: torch.dtype):
-        shape = (n_slots, nheads, max_points, head_size)  # [S, H, P, D/H]
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        # One tensor [2, S, H, P, D/H], so that a decoding step stores its keys and values in one call.
+        self.keys_values = torch.zeros((2, n_slots, nheads, max_points, head_size), device=device, dtype=dtype)
+        self.keys, self.values = self.keys_values  # views [S, H, P, D/H]
 
     def update(self, write: CacheWrite, keys: torch.Tensor, values: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +115,10 @@ class KVCache:
             self.keys[:, :, :n_tokens].index_copy_(0, write.rows, keys)
             self.values[:, :, :n_tokens].index_copy_(0, write.rows, values)
             return keys, values
-        self.keys[write.rows, :, write.positions] = keys[:, :, 0]
-        self.values[write.rows, :, write.positions] = values[:, :, 0]
+        # One index_copy_ on the flat [2 * S * H * P, D/H] view: far cheaper than advanced-index assignment.
+        head_size = keys.shape[-1]
+        self.keys_values.view(-1, head_size).index_copy_(0, write.flat_index(self.keys_values.shape),
+                                                         torch.stack([keys, values]).view(-1, head_size))
         keys, values = self.keys[:, :, :write.n_keys], self.values[:, :, :write.n_keys]
         if write.all_slots:
             return keys, values
@@ -126,19 +154,42 @@ class MultiheadAttention(nn.Module):
         return x.view(batch, n_tokens, self.nheads, width // self.nheads).transpose(1, 2)  # [B, H, T, D/H]
 
     def _attend(self, queries, keys, values, mask, write: CacheWrite | None = None) -> torch.Tensor:
-        """Heads [B, H, T, D/H] -> [B, T, D]; with ``write.all_slots`` keys/values/mask cover every slot."""
+        """Heads [B, H, T, D/H] -> [B, T, D]; with ``write.all_slots`` keys/values/mask cover every slot.
+
+        ``mask`` is boolean (True = attend); decoding turns it into an additive bias once per call.
+        """
         dropout = self.dropout if self.training else 0.0
         if write is not None and write.all_slots:
             # Each row's query goes to its slot; idle slots attend with a zero query and are dropped.
             slot_queries = queries.new_zeros(keys.shape[0], *queries.shape[1:])  # [S, H, 1, D/H]
             slot_queries.index_copy_(0, write.rows, queries)
-            out = F.scaled_dot_product_attention(slot_queries, keys, values, attn_mask=mask, dropout_p=dropout)
+            out = self._attend_one_token(slot_queries, keys, values, mask, write, dropout)
             out = out.index_select(0, write.rows)
+        elif write is not None and write.positions is not None:
+            out = self._attend_one_token(queries, keys, values, mask, write, dropout)
         else:
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout)
         batch, _, n_tokens, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, n_tokens, -1)  # [B, T, D]
         return self.out_proj(out)
+
+    def _attend_one_token(self, queries, keys, values, mask, write: CacheWrite, dropout: float) -> torch.Tensor:
+        """Decoding: queries [B, H, 1, D/H] over keys/values [B, H, n_keys, D/H] -> [B, H, 1, D/H].
+
+        Two batched products on strided views of the caches: reading the keys and values is the whole cost
+        of a step, and scaled_dot_product_attention's CPU kernel reads them more slowly (measured).
+        """
+        batch, nheads, _, head_size = queries.shape
+        n_keys = keys.shape[2]
+        # Merging B and H is a view for the caches' slices: no copy of the keys or values.
+        scores = torch.baddbmm(write.score_bias(mask, nheads, queries.dtype),
+                               queries.reshape(batch * nheads, 1, head_size),
+                               keys.transpose(-1, -2).reshape(batch * nheads, head_size, n_keys),
+                               alpha=head_size ** -0.5)  # [B * H, 1, n_keys]
+        weights = torch.softmax(scores, dim=-1)
+        if dropout:
+            weights = F.dropout(weights, dropout)
+        return torch.bmm(weights, values.reshape(batch * nheads, n_keys, head_size)).view(queries.shape)
 
     def self_attention(self, x: torch.Tensor, mask: torch.Tensor,
                        cache: KVCache | None = None, write: CacheWrite | None = None) -> torch.Tensor:

@@ -279,10 +279,11 @@ class _TractoTransformer(MainModel):
         state.consumed[rows] = lengths
         last = lengths - 1
         batch = torch.arange(len(rows), device=rows.device)
-        sources = self.compute_inputs(state.volume, points[batch, last])[:, None]  # [B, 1, Fin]
+        last_points = points[batch, last]  # [B, 3]
+        sources = self.compute_inputs(state.volume, last_points)[:, None]  # [B, 1, Fin]
         targets = None
         if self.uses_target_tokens:
-            arriving = points[batch, last] - points[batch, (last - 1).clamp(min=0)]
+            arriving = last_points - points[batch, (last - 1).clamp(min=0)]
             targets = self._encode_directions(arriving, last == 0)[:, None]  # [B, 1, Tin]
         positions = last[:, None]  # [B, 1]
         # Measured on CPU: gathering a row's keys costs about three times attending over them in place.
