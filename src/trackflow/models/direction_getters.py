@@ -93,6 +93,16 @@ def _scale_to_norm(vectors: torch.Tensor, norm: float | None) -> torch.Tensor:
     return norm * F.normalize(vectors, dim=-1)
 
 
+def _most_likely_component(mixture: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Mean [N, 3] of each row's most probable component (mixture logits [N, C], means [N, C, 3])."""
+    return means[torch.arange(means.shape[0], device=means.device), torch.argmax(mixture, dim=-1)]
+
+
+def _mixture_negative_log_likelihood(mixture: torch.Tensor, component_log_density: torch.Tensor) -> torch.Tensor:
+    """-log sum_c softmax(mixture)_c p_c(target), per row [N], from logits and log densities [N, C]."""
+    return -torch.logsumexp(F.log_softmax(mixture, dim=-1) + component_log_density, dim=-1)
+
+
 class DirectionGetter(nn.Module):
     """Base class of every head (contract in docs/design.md, "Direction getters").
 
@@ -459,11 +469,11 @@ class GaussianMixtureDirectionGetter(_GaussianBase):
         mixture, means, log_sigmas = self._split(raw)
         target = _scale_to_norm(target_dirs, self.normalize_targets)[:, None, :]
         component_log_density = self._log_density(means, log_sigmas, target)  # [N, G]
-        return -torch.logsumexp(F.log_softmax(mixture, dim=-1) + component_log_density, dim=-1)
+        return _mixture_negative_log_likelihood(mixture, component_log_density)
 
     def deterministic(self, raw):
         mixture, means, _ = self._split(raw)
-        return means[torch.arange(raw.shape[0], device=raw.device), torch.argmax(mixture, dim=-1)]
+        return _most_likely_component(mixture, means)
 
     def sample_from_uniforms(self, raw, u):
         mixture, means, log_sigmas = self._split(raw)
@@ -548,11 +558,11 @@ class FisherVonMisesMixtureDirectionGetter(DirectionGetter):
         mixture, means, kappas = self._split(raw)
         unit_target = F.normalize(target_dirs, dim=-1)[:, None, :]
         component_log_density = _von_mises_fisher_log_density(means, kappas, unit_target)  # [N, C]
-        return -torch.logsumexp(F.log_softmax(mixture, dim=-1) + component_log_density, dim=-1)
+        return _mixture_negative_log_likelihood(mixture, component_log_density)
 
     def deterministic(self, raw):
         mixture, means, _ = self._split(raw)
-        return means[torch.arange(raw.shape[0], device=raw.device), torch.argmax(mixture, dim=-1)]
+        return _most_likely_component(mixture, means)
 
     def sample_from_uniforms(self, raw, u):
         mixture, means, kappas = self._split(raw)
