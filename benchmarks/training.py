@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from trackflow.models.persistence import model_class
+from trackflow.models.registry import model_class
 from trackflow.training.batch_loader import Batch, BatchLoader, LoaderParams
 
 VOLUME_SHAPE = (64, 64, 48)

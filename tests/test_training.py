@@ -13,9 +13,10 @@ from trackflow.cli import (l2t_resume_training_from_checkpoint, l2t_train_model,
 from trackflow.data.hdf5.creation import create_hdf5_dataset
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.device import select_device
-from trackflow.models.persistence import load_experiment_model, model_class
+from trackflow.experiment import LOG_FILES, ExperimentFolder
+from trackflow.models.persistence import load_experiment_model
+from trackflow.models.registry import model_class
 from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData
-from trackflow.training.experiment import LOG_FILES, ExperimentFolder
 from trackflow.training.trainer import parse_learning_rates
 
 # tiny_hdf5 (conftest): 1 training + 1 validation subject, 50 streamlines each, resampled to 1 mm.

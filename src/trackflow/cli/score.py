@@ -4,8 +4,8 @@ import argparse
 import json
 import logging
 
-from trackflow.cli.common import (add_overwrite_arg, add_verbose_arg, atomic_output, check_outputs,
-                                  run_cli, setup_logging)
+from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, run_cli, setup_logging
+from trackflow.files import atomic_output, check_outputs
 from trackflow.scoring.tractometer import score_tractogram_file
 
 

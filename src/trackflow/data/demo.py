@@ -46,8 +46,8 @@ from dipy.reconst.shm import sh_to_sf_matrix
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from trackflow.cli.common import atomic_directory, check_outputs
 from trackflow.errors import TrackflowError
+from trackflow.files import atomic_directory, check_outputs
 
 LOGGER = logging.getLogger(__name__)
 

@@ -581,6 +581,10 @@ _HEADS = {cls.key: cls for cls in (
     FisherVonMisesDirectionGetter, FisherVonMisesMixtureDirectionGetter)}
 
 DIRECTION_GETTER_KEYS = list(_HEADS)
+# Head families, for the options that only some heads take.
+REGRESSION_HEADS = tuple(k for k, c in _HEADS.items() if issubclass(c, _RegressionDirectionGetter))
+CLASSIFICATION_HEADS = tuple(k for k, c in _HEADS.items() if issubclass(c, SphereClassificationDirectionGetter))
+GAUSSIAN_HEADS = tuple(k for k, c in _HEADS.items() if issubclass(c, _GaussianBase))
 
 
 def make_direction_getter(key: str, in_size: int, dg_args: dict) -> DirectionGetter:

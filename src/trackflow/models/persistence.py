@@ -4,7 +4,6 @@ dwi_ml reads the folders we write and we read dwi_ml's, including the legacy nam
 deprecated experiment" scripts rewrite (``dwi_ml-checkpoints.md`` §1.6).
 """
 
-import importlib
 import json
 import pickle
 import zipfile
@@ -12,20 +11,12 @@ from pathlib import Path
 
 import torch
 
-from trackflow.cli.common import atomic_directory
 from trackflow.errors import TrackflowError
+from trackflow.files import atomic_directory
+from trackflow.models.registry import MODEL_TYPE_FILE, model_class
 
 PARAMETERS_FILE = "parameters.json"
-MODEL_TYPE_FILE = "model_type.txt"
 STATE_FILE = "model_state.pkl"
-
-# Class name in model_type.txt -> module defining it.
-MODEL_MODULES = {
-    "Learn2TrackModel": "trackflow.models.l2t",
-    "OriginalTransformerModel": "trackflow.models.transformers",
-    "TransformerSrcOnlyModel": "trackflow.models.transformers",
-    "TransformerSrcAndTgtModel": "trackflow.models.transformers",
-}
 
 _RENAMED_PARAMS = {
     "prev_dirs_embedding_size": "prev_dirs_embedded_size",
@@ -39,18 +30,6 @@ _RENAMED_STATE_PREFIXES = {
     "input_embedding.": "input_embedding_layer.",
     "embedding_layer_x.": "input_embedding_layer.",
 }
-
-
-def model_class(model_type: str):
-    """The model class named in ``model_type.txt``.
-
-    Modules are imported on demand, so Learn2track folders load whatever the state of the transformer
-    module.
-    """
-    if model_type not in MODEL_MODULES:
-        raise TrackflowError(f"unknown model type {model_type!r} in {MODEL_TYPE_FILE}; expected one of "
-                             f"{sorted(MODEL_MODULES)}")
-    return getattr(importlib.import_module(MODEL_MODULES[model_type]), model_type)
 
 
 def upgrade_legacy_params(params: dict) -> dict:

@@ -32,6 +32,7 @@ from trackflow.models.embeddings import make_embedding
 
 SOS_SPHERES = ("symmetric362", "symmetric642", "symmetric724", "repulsion724", "repulsion100",
                "repulsion200")
+SOS_TOKEN_TYPES = ("as_label",) + SOS_SPHERES  # ``--SOS_token_type``: a label, or a sphere's directions
 
 
 class SinusoidalPositionEncoding(nn.Module):

@@ -31,9 +31,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from trackflow.cli.common import atomic_output, check_inputs, check_outputs
 from trackflow.data.demo import SH_BASIS
 from trackflow.errors import TrackflowError
+from trackflow.files import atomic_output, check_inputs, check_outputs
 from trackflow.tracking.seeds import SeedGenerator, count_seeds
 
 LOGGER = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ import pandas as pd
 from dipy.io.streamline import save_tractogram
 from nibabel.streamlines import ArraySequence
 
-from trackflow.cli.common import atomic_output, check_inputs, check_outputs
 from trackflow.data.streamlines import array_sequence_from_parts, compress, euclidean_lengths
 from trackflow.errors import TrackflowError
+from trackflow.files import atomic_output, check_inputs, check_outputs
 from trackflow.tracking.output import load_tractogram_file
 
 if TYPE_CHECKING:  # the file filter (its own console script) should not pay for importing torch

@@ -11,9 +11,9 @@ from dipy.io.stateful_tractogram import Origin, Space, StatefulTractogram
 from dipy.io.streamline import load_tractogram, save_tractogram
 from nibabel.streamlines import ArraySequence
 
-from trackflow.cli.common import atomic_output
 from trackflow.data.streamlines import array_sequence_from_parts, offsets_from_lengths
 from trackflow.errors import TrackflowError
+from trackflow.files import atomic_output
 
 LOGGER = logging.getLogger(__name__)
 

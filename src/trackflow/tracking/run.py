@@ -16,17 +16,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trackflow.cli.common import check_model_family, check_outputs
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.device import select_device
 from trackflow.errors import TrackflowError
+from trackflow.experiment import ExperimentFolder
+from trackflow.files import check_outputs
 from trackflow.models.persistence import load_experiment_model
+from trackflow.models.registry import check_model_family
 from trackflow.tracking.filtering import filter_streamlines
 from trackflow.tracking.output import check_tractogram_path, save_tractogram_file
 from trackflow.tracking.seeds import SeedGenerator, count_seeds
 from trackflow.tracking.stopping import MaskStoppingCriterion, VolumeStoppingCriterion
 from trackflow.tracking.tracker import StopReason, Tracker, TrackingParameters
-from trackflow.training.experiment import ExperimentFolder
 
 LOGGER = logging.getLogger(__name__)
 

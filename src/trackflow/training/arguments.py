@@ -8,21 +8,13 @@ with one ``TrackflowError`` before anything is read or trained.
 import argparse
 
 from trackflow.errors import TrackflowError
+from trackflow.models.direction_getters import (CLASSIFICATION_HEADS, DIRECTION_GETTER_KEYS, GAUSSIAN_HEADS,
+                                                REGRESSION_HEADS)
+from trackflow.models.registry import TT_MODEL_TYPES
+from trackflow.models.transformers import SOS_TOKEN_TYPES
 from trackflow.training.batch_loader import LoaderParams
 from trackflow.training.batch_sampler import UNITS, SamplerParams
 from trackflow.training.trainer import DataParams, TrainerParams, parse_learning_rates, train_new_experiment
-
-REGRESSION_HEADS = ("cosine-regression", "l2-regression", "cosine-plus-l2-regression")
-CLASSIFICATION_HEADS = ("sphere-classification", "smooth-sphere-classification")
-GAUSSIAN_HEADS = ("gaussian", "gaussian-mixture")
-DG_KEYS = REGRESSION_HEADS + CLASSIFICATION_HEADS + GAUSSIAN_HEADS + (
-    "fisher-von-mises", "fisher-von-mises-mixture")
-
-TT_MODEL_TYPES = {"TTO": "OriginalTransformerModel", "TTS": "TransformerSrcOnlyModel",
-                  "TTST": "TransformerSrcAndTgtModel"}
-SOS_TOKEN_TYPES = ("as_label", "symmetric362", "symmetric642", "symmetric724", "repulsion724",
-                   "repulsion100", "repulsion200")
-
 
 # ---------------------------------------------------------------------------------------------- parser groups
 def add_experiment_positionals(parser: argparse.ArgumentParser) -> None:
@@ -124,7 +116,7 @@ def add_input_args(parser: argparse.ArgumentParser, default_embedding: str) -> N
 
 def add_direction_getter_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Direction getter (output head)")
-    group.add_argument("--dg_key", choices=DG_KEYS, default="cosine-regression", help="[%(default)s]")
+    group.add_argument("--dg_key", choices=DIRECTION_GETTER_KEYS, default="cosine-regression", help="[%(default)s]")
     group.add_argument("--dg_dropout", type=float, default=0.0, help="Dropout in the head. [%(default)s]")
     group.add_argument("--add_entropy_to_gauss", type=float, nargs="?", const=1.0, metavar="w",
                        help="gaussian head: subtract w * entropy from the loss. [%(const)s when given alone]")

@@ -21,14 +21,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trackflow.cli.common import check_model_family
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.device import select_device
 from trackflow.errors import TrackflowError
-from trackflow.models.persistence import load_model_dir, model_class
+from trackflow.experiment import LOG_FILES, ExperimentFolder
+from trackflow.models.persistence import load_model_dir
+from trackflow.models.registry import check_model_family
+from trackflow.models.registry import model_class
 from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData
 from trackflow.training.batch_sampler import BatchSampler, SamplerParams
-from trackflow.training.experiment import LOG_FILES, ExperimentFolder
 
 LOGGER = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Plots of the per-epoch training logs of one or more experiments (``dwiml_visualize_logs``).
 
-Reads ``<experiment>/logs/*.npy`` (names in ``trackflow.training.experiment.LOG_FILES``) and draws three
+Reads ``<experiment>/logs/*.npy`` (names in ``trackflow.experiment.LOG_FILES``) and draws three
 figures, one curve per experiment and monitor: the losses, the gradient norms and the epoch durations.
 """
 
@@ -13,9 +13,9 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from trackflow.cli.common import atomic_output, check_outputs  # noqa: E402
 from trackflow.errors import TrackflowError  # noqa: E402
-from trackflow.training.experiment import ExperimentFolder  # noqa: E402
+from trackflow.experiment import ExperimentFolder  # noqa: E402
+from trackflow.files import atomic_output, check_outputs
 
 LOGGER = logging.getLogger(__name__)
 

@@ -23,13 +23,14 @@ from dipy.io.utils import is_header_compatible
 from nibabel.streamlines import ArraySequence
 from tqdm import tqdm
 
-from trackflow.cli.common import (add_overwrite_arg, add_verbose_arg, atomic_output, check_model_family,
-                                  check_outputs)
+from trackflow.cli.common import add_overwrite_arg, add_verbose_arg
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.data.streamlines import array_sequence_from_parts, offsets_from_lengths
 from trackflow.device import select_device
 from trackflow.errors import TrackflowError
+from trackflow.files import atomic_output, check_outputs
 from trackflow.models.persistence import load_experiment_model
+from trackflow.models.registry import check_model_family
 from trackflow.tracking.output import load_tractogram_file, save_tractogram_file
 from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData
 

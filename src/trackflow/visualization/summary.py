@@ -22,9 +22,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from trackflow.cli.common import atomic_output, check_outputs
 from trackflow.data.streamlines import euclidean_lengths
 from trackflow.errors import TrackflowError
+from trackflow.files import atomic_output, check_outputs
 from trackflow.tracking.filtering import COUNT_COLUMNS, KEYS
 from trackflow.tracking.output import load_tractogram_file
 

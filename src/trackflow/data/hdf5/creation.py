@@ -18,13 +18,13 @@ from dipy.io.stateful_tractogram import Origin, Space, StatefulTractogram
 from dipy.io.streamline import load_tractogram, save_tractogram
 from dipy.io.utils import get_reference_info
 
-from trackflow.cli.common import atomic_output, check_outputs
 from trackflow.data import streamlines as sl
 from trackflow.data.hdf5.config import (StreamlineGroupConfig, VolumeGroupConfig, file_patterns,
                                         read_groups_config)
 from trackflow.data.hdf5.reader import (HDF5_LAYOUT_VERSION, NOT_DEFINED, SUBSETS,
                                         check_streamline_group)
 from trackflow.errors import TrackflowError
+from trackflow.files import atomic_output, check_outputs
 
 LOGGER = logging.getLogger(__name__)
 

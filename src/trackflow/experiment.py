@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trackflow.cli.common import atomic_directory, atomic_output
 from trackflow.errors import TrackflowError
+from trackflow.files import atomic_directory, atomic_output
 from trackflow.models.persistence import save_model_dir
 
 # Trainer monitor name -> file name in logs/ (dwi_ml's names).
