@@ -1,5 +1,5 @@
 """Tracking quality: Learn2track and a TractoTransformer beside scilpy's classical local tracking, scored
-against the demo cohort's ground truth (Tractometer metrics of ``trackflow.scoring.tractometer``).
+against the demo cohort's ground truth (Tractometer metrics of ``trackflow.evaluation.tractometer``).
 
 Steps: make (or reuse) a demo cohort and its hdf5; train the default demo models with ``l2t_train_model``
 and ``tt_train_model`` side by side (or reuse experiment folders); track the held-out (testing) subject with
@@ -7,7 +7,7 @@ and ``tt_train_model`` side by side (or reuse experiment folders); track the hel
 ``scil_tracking_local`` (prob and det on the fODF, basis ``descoteaux07``). Every tracker gets the same
 seeds, tracking mask (the WM mask), step size, angle and length limits: the learned trackers draw their
 seeds from the interface mask with ``--nt`` and ``--rng_seed``; the baseline is given that very list
-through ``--in_custom_seeds`` (``trackflow.scoring.baseline.seeds_from_mask``), and the benchmark checks
+through ``--in_custom_seeds`` (``trackflow.tracking.classical.seeds_from_mask``), and the benchmark checks
 that the seeds the learned trackers saved belong to it.
 
 Prints one table (rows: trackers; columns: streamlines kept, VB/bundles, IB, VS %, IS %, NC %, OL, OR, F1,
@@ -41,8 +41,8 @@ from trackflow.data.demo import (DEFAULT_SHAPE, DEFAULT_STREAMLINES_PER_BUNDLE, 
                                  make_demo_cohort)
 from trackflow.data.hdf5.creation import create_hdf5_dataset, read_subject_list
 from trackflow.models.persistence import load_experiment_model
-from trackflow.scoring.baseline import run_scilpy_local_tracking, seeds_from_mask
-from trackflow.scoring.tractometer import load_ground_truth, score_streamlines, score_tractogram_file
+from trackflow.tracking.classical import run_scilpy_local_tracking, seeds_from_mask
+from trackflow.evaluation.tractometer import load_ground_truth, score_streamlines, score_tractogram_file
 
 LOGGER = logging.getLogger("quality")
 
@@ -287,7 +287,7 @@ def main(argv=None):
         run = run_scilpy_local_tracking(fodf, interface, wm_mask, out / "tractograms" / f"scilpy_{algo}.trk",
                                         algo=algo, step_size=args.step_size, theta=args.theta, seeds=seeds,
                                         min_length=args.min_length, max_length=args.max_length,
-                                        rng_seed=args.rng_seed, overwrite=True)
+                                        rng_seed=args.rng_seed, sh_basis=SH_BASIS, overwrite=True)
         name = f"scilpy {algo}"
         metrics_by_tracker[name] = score(run.tractogram, bundles_dir)
         rows.append(table_row(name, metrics_by_tracker[name], run.seconds, run.n_seeds))

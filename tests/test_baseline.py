@@ -6,9 +6,10 @@ import pytest
 from dipy.io.stateful_tractogram import Origin
 from dipy.io.streamline import load_tractogram
 
+from trackflow.data.demo import SH_BASIS
 from trackflow.errors import TrackflowError
-from trackflow.scoring.baseline import run_scilpy_local_tracking, seeds_from_mask
-from trackflow.scoring.tractometer import score_tractogram_file
+from trackflow.evaluation.tractometer import score_tractogram_file
+from trackflow.tracking.classical import run_scilpy_local_tracking, seeds_from_mask
 
 SUBJECT = "sub-01"
 STEP_MM = 0.75
@@ -54,7 +55,7 @@ def test_prob_baseline_tracks_from_the_given_seeds_and_is_scored(subject, tmp_pa
     out = tmp_path / "prob.trk"
     run = run_scilpy_local_tracking(subject["fodf"], subject["interface"], subject["wm"], out, algo="prob",
                                     step_size=STEP_MM, theta=THETA_DEG, seeds=seeds, min_length=5.0,
-                                    max_length=200.0, rng_seed=0, save_seeds=True)
+                                    max_length=200.0, rng_seed=0, save_seeds=True, sh_basis=SH_BASIS)
     assert run.tractogram == out and run.n_seeds == len(seeds) and run.seconds > 0
     sft = load_vox_corner(out, subject["fodf"])
     assert 0 < len(sft) <= len(seeds)
@@ -84,7 +85,7 @@ def test_prob_baseline_tracks_from_the_given_seeds_and_is_scored(subject, tmp_pa
 
 
 def test_det_baseline_seeded_by_scilpy_is_scored_and_never_overwritten(subject, tmp_path):
-    kwargs = dict(algo="det", step_size=STEP_MM, theta=THETA_DEG, nt=150, rng_seed=4)
+    kwargs = dict(algo="det", step_size=STEP_MM, theta=THETA_DEG, nt=150, rng_seed=4, sh_basis=SH_BASIS)
     run = run_scilpy_local_tracking(subject["fodf"], subject["interface"], subject["wm"],
                                     tmp_path / "det.trk", **kwargs)
     assert run.n_seeds == 150
@@ -102,7 +103,7 @@ def test_scilpy_failure_is_one_error_and_no_output(subject, tmp_path):
     out = tmp_path / "never.trk"
     with pytest.raises(TrackflowError, match="scil_tracking_local failed"):
         run_scilpy_local_tracking(subject["fodf"], subject["interface"], other_grid, out, algo="prob",
-                                  step_size=STEP_MM, theta=THETA_DEG, npv=1)
+                                  step_size=STEP_MM, theta=THETA_DEG, npv=1, sh_basis=SH_BASIS)
     assert list(tmp_path.iterdir()) == [other_grid]
 
 
@@ -116,8 +117,8 @@ def test_scilpy_failure_is_one_error_and_no_output(subject, tmp_path):
 def test_bad_arguments_are_refused_before_running_scilpy(subject, tmp_path, kwargs, message):
     with pytest.raises(TrackflowError, match=message):
         run_scilpy_local_tracking(subject["fodf"], subject["interface"], subject["wm"], tmp_path / "x.trk",
-                                  step_size=STEP_MM, theta=THETA_DEG, **kwargs)
+                                  step_size=STEP_MM, theta=THETA_DEG, sh_basis=SH_BASIS, **kwargs)
     with pytest.raises(TrackflowError, match=r"\.trk"):
         run_scilpy_local_tracking(subject["fodf"], subject["interface"], subject["wm"], tmp_path / "x.tck",
-                                  algo="prob", step_size=STEP_MM, theta=THETA_DEG, npv=1)
+                                  algo="prob", step_size=STEP_MM, theta=THETA_DEG, npv=1, sh_basis=SH_BASIS)
     assert not any(tmp_path.iterdir())

@@ -14,7 +14,7 @@ from dipy.io.streamline import load_tractogram, save_tractogram
 from PIL import Image
 
 from trackflow.cli.filter_by_length import main as filter_main
-from trackflow.tracking.filtering import COUNT_COLUMNS, KEYS
+from trackflow.evaluation.length_filter import COUNT_COLUMNS, KEYS
 from trackflow.visualization.summary import PLOTS, SCORE_COLUMNS, summarize_cohort, write_cohort_summary
 
 REPO = Path(__file__).resolve().parents[1]

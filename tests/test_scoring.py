@@ -10,7 +10,7 @@ import pytest
 from dipy.io.stateful_tractogram import Origin, Space, StatefulTractogram
 from dipy.io.streamline import save_tractogram
 
-from trackflow.scoring.tractometer import GroundTruthBundle, score_streamlines
+from trackflow.evaluation.tractometer import GroundTruthBundle, score_streamlines
 
 SHAPE = (12, 12, 6)
 

@@ -13,7 +13,7 @@ Example::
 import argparse
 
 from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, run_cli, setup_logging
-from trackflow.tracking.filtering import filter_tractogram_by_length
+from trackflow.evaluation.length_filter import filter_tractogram_by_length
 
 
 def _length_mm(text: str) -> float:

@@ -6,7 +6,7 @@ import logging
 
 from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, run_cli, setup_logging
 from trackflow.files import atomic_output, check_outputs
-from trackflow.scoring.tractometer import score_tractogram_file
+from trackflow.evaluation.tractometer import score_tractogram_file
 
 
 def build_parser():

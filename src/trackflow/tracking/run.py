@@ -24,7 +24,7 @@ from trackflow.files import check_outputs
 from trackflow.models.persistence import load_experiment_model
 from trackflow.models.registry import check_model_family
 from trackflow.tracking.filtering import filter_streamlines
-from trackflow.tracking.output import check_tractogram_path, save_tractogram_file
+from trackflow.data.tractograms import check_tractogram_path, save_tractogram_file
 from trackflow.tracking.seeds import SeedGenerator, count_seeds
 from trackflow.tracking.stopping import MaskStoppingCriterion, VolumeStoppingCriterion
 from trackflow.tracking.tracker import StopReason, Tracker, TrackingParameters

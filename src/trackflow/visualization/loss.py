@@ -31,7 +31,7 @@ from trackflow.errors import TrackflowError
 from trackflow.files import atomic_output, check_outputs
 from trackflow.models.persistence import load_experiment_model
 from trackflow.models.registry import check_model_family
-from trackflow.tracking.output import load_tractogram_file, save_tractogram_file
+from trackflow.data.tractograms import load_tractogram_file, save_tractogram_file
 from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData
 
 LOGGER = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ import pandas as pd
 from trackflow.data.streamlines import euclidean_lengths
 from trackflow.errors import TrackflowError
 from trackflow.files import atomic_output, check_outputs
-from trackflow.tracking.filtering import COUNT_COLUMNS, KEYS
-from trackflow.tracking.output import load_tractogram_file
+from trackflow.evaluation.length_filter import COUNT_COLUMNS, KEYS
+from trackflow.data.tractograms import load_tractogram_file
 
 LOGGER = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Classical baseline for the quality benchmark: scilpy's ``scil_tracking_local`` on the fODF.
+"""Classical tracking: scilpy's ``scil_tracking_local`` on an fODF, the baseline of the quality benchmark.
 
 The learned trackers are scored next to this baseline on the same subject and the same seeds. Seeds are
 shared by position: ``seeds_from_mask`` draws exactly the positions that ``l2t_track_from_model`` /
@@ -31,7 +31,6 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from trackflow.data.demo import SH_BASIS
 from trackflow.errors import TrackflowError
 from trackflow.files import atomic_output, check_inputs, check_outputs
 from trackflow.tracking.seeds import SeedGenerator, count_seeds
@@ -107,7 +106,7 @@ def _failure_reason(stderr: str) -> str:
 def run_scilpy_local_tracking(fodf, seeding_mask, tracking_mask, out, *, algo: str, step_size: float,
                               theta: float, npv: int | None = None, nt: int | None = None,
                               seeds: np.ndarray | None = None, min_length: float = 10.0,
-                              max_length: float = 300.0, rng_seed: int = 0, sh_basis: str = SH_BASIS,
+                              max_length: float = 300.0, rng_seed: int = 0, sh_basis: str,
                               save_seeds: bool = False, overwrite: bool = False) -> BaselineRun:
     """Track with ``scil_tracking_local`` (CPU) and write ``out`` atomically.
 
