@@ -23,6 +23,7 @@ from trackflow.experiment import ExperimentFolder
 from trackflow.files import check_outputs
 from trackflow.models.persistence import load_experiment_model
 from trackflow.models.registry import check_model_family
+from trackflow.tracking.decoders import make_direction_decoder
 from trackflow.tracking.filtering import filter_streamlines
 from trackflow.data.tractograms import check_tractogram_path, save_tractogram_file
 from trackflow.tracking.seeds import SeedGenerator, count_seeds
@@ -135,9 +136,11 @@ def track_from_experiment(model_family: str, experiment_path, subj_id: str, inpu
                  if tracking_mask is not None else VolumeStoppingCriterion(volume.data.shape))
     params = TrackingParameters(step_size_vox=step_mm / voxel_mm, max_points=max_points_for(max_length, step_mm),
                                 theta_deg=theta, eos_threshold=0.5 if eos_stop is None else eos_stop,
-                                algo=algo, rng_seed=rng_seed, track_forward_only=track_forward_only,
+                                track_forward_only=track_forward_only,
                                 discard_last_point=discard_last_point, n_slots=simultaneous_tracking)
-    tracker = Tracker(model, volume_tensor, criterion, SeedGenerator(seeding_mask, rng_seed, device), params)
+    decoder = make_direction_decoder(algo, model.direction_getter, rng_seed)
+    tracker = Tracker(model, volume_tensor, criterion, SeedGenerator(seeding_mask, rng_seed, device), decoder,
+                      params)
 
     started = time.perf_counter()
     with tqdm(total=n_seeds, unit="seed", file=sys.stderr, mininterval=1.0) as progress:
