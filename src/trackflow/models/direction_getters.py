@@ -194,11 +194,6 @@ class DirectionGetter(nn.Module):
         source of randomness."""
         raise NotImplementedError
 
-    def sample(self, raw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Draw u with ``generator`` (on raw's device) and call ``sample_from_uniforms``."""
-        u = torch.rand(raw.shape[0], self.n_uniforms, generator=generator, device=raw.device, dtype=raw.dtype)
-        return self.sample_from_uniforms(raw, u)
-
     def eos_probability(self, raw: torch.Tensor) -> torch.Tensor | None:
         """[N] probability that the streamline ends here (sigmoid of the EOS logit); None without EOS."""
         if not self.add_eos:

@@ -71,14 +71,12 @@ class TransformerTrackingState:
         so no step has to read the rows' lengths on the host (a GPU stall). By the slot invariant each
         step adds at most one point per slot; the bound is re-read exactly every ``EXACT_BOUND_EVERY`` steps
         (it then shrinks back when long streamlines have been replaced by new seeds).
-    attend_to_all: attend over all max_points cache positions instead (tests compare both).
     """
 
     volume: torch.Tensor  # [X, Y, Z, F]
     max_points: int
     caches: list
     consumed: torch.Tensor
-    attend_to_all: bool = False
     longest: int = 0
     steps_since_exact: int = 0
 
@@ -88,8 +86,6 @@ class TransformerTrackingState:
 
     def keys_to_attend(self) -> int:
         """Cache positions the next step attends over: >= every row's length, <= max_points."""
-        if self.attend_to_all:
-            return self.max_points
         if self.steps_since_exact >= EXACT_BOUND_EVERY:
             self.longest = int(self.consumed.max())
             self.steps_since_exact = 0
