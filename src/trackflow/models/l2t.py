@@ -13,7 +13,7 @@ Two ways to run the same network:
   ``ROW_BLOCK``, so a row's result never depends on which or how many other rows share the call.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,12 +21,28 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from trackflow.errors import TrackflowError
 from trackflow.geometry.directions import previous_directions, previous_directions_at_last_point
-from trackflow.models.base import MainModel
+from trackflow.models.base import MainModel, ModelConfig
 from trackflow.models.embeddings import make_embedding
 from trackflow.models.rows import aligned_rows, pad_rows_index, padded_row_count
 
 RNN_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU}
+RNN_KEYS = tuple(RNN_CLASSES)
 PREV_DIRS_EMBEDDING_KEYS = ("no_embedding", "nn_embedding")
+
+
+@dataclass
+class L2TConfig(ModelConfig):
+    """``parameters.json`` of a Learn2TrackModel (checkpoints §1.2, §1.3); see ``Learn2TrackModel``."""
+
+    nb_previous_dirs: int = 0
+    prev_dirs_embedding_key: str | None = None
+    prev_dirs_embedded_size: int | None = None
+    normalize_prev_dirs: bool = True
+    rnn_key: str = "lstm"
+    rnn_layer_sizes: list = field(default_factory=lambda: [100, 100])
+    use_skip_connection: bool = False
+    use_layer_normalization: bool = False
+    dropout: float = 0.0
 
 
 class StackedRNN(nn.Module):
@@ -204,6 +220,8 @@ class Learn2TrackModel(MainModel):
     **common_params
         The ``MainModel`` keys (``nb_features``, ``dg_key``, ...).
     """
+
+    config_class = L2TConfig
 
     def __init__(self, *, nb_previous_dirs=0, prev_dirs_embedding_key=None, prev_dirs_embedded_size=None,
                  normalize_prev_dirs=True, rnn_key="lstm", rnn_layer_sizes=(100, 100),
