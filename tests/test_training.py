@@ -308,3 +308,34 @@ def test_help(main, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_use_gpu_is_a_runtime_choice_on_resume(tiny_hdf5, tmp_path, caplog):
+    """--use_gpu is not stored as a training parameter: a run started with it resumes on the CPU without it,
+    and resuming with it on a machine without CUDA warns and runs; an old checkpoint storing use_gpu resumes."""
+    exp = _train(l2t_main, tmp_path, "gpu", tiny_hdf5, *TINY_L2T, "--max_epochs", "1", "--use_gpu")
+    state = ExperimentFolder(exp).load_checkpoint_state()
+    assert "use_gpu" not in state["params_for_init"]
+    l2t_resume_main([str(tmp_path), "gpu", "--new_max_epochs", "2"])
+    assert len(np.load(exp / "logs" / LOG_FILES["train_loss"])) == 2
+    if not torch.cuda.is_available():
+        with caplog.at_level("WARNING"):
+            l2t_resume_main([str(tmp_path), "gpu", "--new_max_epochs", "3", "--use_gpu"])
+        assert any("CUDA" in r.message for r in caplog.records)
+        assert len(np.load(exp / "logs" / LOG_FILES["train_loss"])) == 3
+    # A checkpoint written when use_gpu was a stored trainer parameter: the stored value is ignored.
+    folder = ExperimentFolder(exp)
+    state = folder.load_checkpoint_state()
+    state["params_for_init"]["use_gpu"] = True
+    torch.save(state, folder.checkpoint_state_file)
+    epochs = len(np.load(exp / "logs" / LOG_FILES["train_loss"]))
+    l2t_resume_main([str(tmp_path), "gpu", "--new_max_epochs", str(epochs + 1)])
+    assert len(np.load(exp / "logs" / LOG_FILES["train_loss"])) == epochs + 1
+
+
+def test_model_config_asdict_is_parameters_json(tiny_hdf5, tmp_path):
+    exp = _train(l2t_main, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1")
+    model = load_experiment_model(exp)
+    saved = json.loads((exp / "best_model" / "parameters.json").read_text())
+    from dataclasses import asdict
+    assert list(asdict(model.config).items()) == list(saved.items())
