@@ -12,8 +12,8 @@ from dipy.io.streamline import load_tractogram, save_tractogram
 from dipy.tracking.streamlinespeed import set_number_of_points
 from PIL import Image
 
-from trackflow.cli.l2t_visualize_loss import main as l2t_main
-from trackflow.cli.tt_visualize_loss import main as tt_main
+from trackflow.cli.visualize_loss import l2t_main
+from trackflow.cli.visualize_loss import tt_main
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.data.streamlines import euclidean_lengths
 from trackflow.models.l2t import Learn2TrackModel

@@ -83,3 +83,34 @@ def filter_tractogram_by_length(in_tractogram, out_tractogram, out_counts, min_l
     LOGGER.info("kept %d of %d streamlines (%g-%g mm): %s", row["n_after"], row["n_before"], min_length,
                 max_length, out_tractogram)
     return row
+
+
+def read_counts(paths) -> pd.DataFrame:
+    """The rows of counts TSVs written by ``filter_tractogram_by_length``, one table.
+
+    Parameters
+    ----------
+    paths : list of path
+
+    Returns
+    -------
+    DataFrame
+        Columns ``KEYS + COUNT_COLUMNS`` (other columns dropped), one row per (subject, model), files in order.
+    """
+    frames = []
+    for path in map(Path, paths):
+        try:
+            frame = pd.read_csv(path, sep="\t", dtype={"subject": str, "model": str})
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise TrackflowError(f"cannot read counts file {path}: {e}") from None
+        missing = [c for c in KEYS + COUNT_COLUMNS if c not in frame.columns]
+        if missing:
+            raise TrackflowError(f"counts file {path} lacks column(s) {missing} (not written by "
+                                 "trackflow_filter_by_length?)")
+        frames.append(frame[KEYS + COUNT_COLUMNS])
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=KEYS + COUNT_COLUMNS)
+    duplicated = table.duplicated(KEYS)
+    if duplicated.any():
+        first = table[duplicated].iloc[0]
+        raise TrackflowError(f"two counts files for subject {first['subject']} and model {first['model']}")
+    return table

@@ -92,6 +92,7 @@ class SubsetData:
 
     Non-lazy: every volume and every streamline group is read once, at construction (volumes on the
     device). Lazy: streamlines are read per batch and volumes through a FIFO cache of ``cache_size``.
+    ``of_streamlines`` builds one for given streamlines (the loss evaluation's reference streamlines).
     """
 
     def __init__(self, cohort, subjects, input_group: str, streamline_group: str, device,
@@ -108,6 +109,14 @@ class SubsetData:
             for subject in subjects:
                 self._volumes[subject] = self._read_volume(subject)
                 self._streamlines[subject] = cohort.read_streamlines(subject, streamline_group)
+
+    @classmethod
+    def of_streamlines(cls, cohort, subject: str, input_group: str, streamlines, device) -> "SubsetData":
+        """One subject whose streamlines are given (vox/corner, e.g. from a tractogram file) instead of
+        read from a streamline group; its volume is read from the hdf5 on first use and kept."""
+        data = cls(cohort, [subject], input_group, streamline_group=None, device=device, lazy=True, cache_size=1)
+        data._streamlines[subject] = streamlines
+        return data
 
     def _read_volume(self, subject):
         volume = self.cohort.read_volume(subject, self.input_group)
@@ -134,6 +143,12 @@ class SubsetData:
         """Drop lazily cached volumes (called between training and validation, as dwi_ml)."""
         if self.lazy:
             self._volumes.clear()
+
+
+def cohort_preprocessing(cohort) -> dict:
+    """The preprocessing of an hdf5's streamlines, under ``MainModel.preprocessing``'s key names (what
+    ``BatchLoader`` compares with the model's to decide whether to resample)."""
+    return {"step_size": cohort.step_size, "compress_lines": cohort.compress, "nb_points": cohort.nb_points}
 
 
 class BatchLoader:

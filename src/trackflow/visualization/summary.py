@@ -1,7 +1,7 @@
 """The cohort summary after tracking: one table and a few plots.
 
 ``summarize_cohort`` gathers, from plain file lists (what the Snakemake rule passes), one row per subject
-and model: the counts and lengths of ``trackflow_filter_by_length`` (``tracking.filtering``), the
+and model: the counts and lengths of ``trackflow_filter_by_length`` (``evaluation.length_filter``), the
 ``trackflow_score`` metrics and the Snakemake benchmark times and memory of each step.
 ``write_cohort_summary`` writes the table (TSV) and the figures.
 
@@ -25,7 +25,7 @@ import pandas as pd
 from trackflow.data.streamlines import euclidean_lengths
 from trackflow.errors import TrackflowError
 from trackflow.files import atomic_output, check_outputs
-from trackflow.evaluation.length_filter import COUNT_COLUMNS, KEYS
+from trackflow.evaluation.length_filter import COUNT_COLUMNS, KEYS, read_counts
 from trackflow.data.tractograms import load_tractogram_file
 
 LOGGER = logging.getLogger(__name__)
@@ -65,26 +65,6 @@ def _paths(files) -> list[Path]:
 def _subject_and_model(path: Path) -> tuple[str, str]:
     """(subject, model) of ``<...>/<subject>/<model>.<ext>``."""
     return path.parent.name, path.name.split(".")[0]
-
-
-def _read_counts(files) -> pd.DataFrame:
-    frames = []
-    for path in _paths(files):
-        try:
-            frame = pd.read_csv(path, sep="\t", dtype={"subject": str, "model": str})
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-            raise TrackflowError(f"cannot read counts file {path}: {e}") from None
-        missing = [c for c in KEYS + COUNT_COLUMNS if c not in frame.columns]
-        if missing:
-            raise TrackflowError(f"counts file {path} lacks column(s) {missing} (not written by "
-                                 "trackflow_filter_by_length?)")
-        frames.append(frame[KEYS + COUNT_COLUMNS])
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=KEYS + COUNT_COLUMNS)
-    duplicated = table.duplicated(KEYS)
-    if duplicated.any():
-        first = table[duplicated].iloc[0]
-        raise TrackflowError(f"two counts files for subject {first['subject']} and model {first['model']}")
-    return table
 
 
 def _read_scores(files) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -167,7 +147,7 @@ def summarize_cohort(counts_files, score_files=(), benchmark_files=(), tractogra
     -------
     CohortSummary
     """
-    table = _read_counts(counts_files)
+    table = read_counts(_paths(counts_files))
     if table.empty:
         raise TrackflowError("no counts file given: the summary has no row")
     overall, bundle_scores = _read_scores(score_files)
