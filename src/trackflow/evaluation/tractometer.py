@@ -113,15 +113,11 @@ def _region_of_points(points_vox, bundles):
     return hits & inside[:, None]
 
 
-def score_streamlines(streamlines_vox, bundles):
-    """Score streamlines given in vox/corner coordinates of the ground truth's grid.
-
-    Returns a dict of overall metrics and a ``bundles`` dict of per-bundle metrics (JSON-serialisable).
-    """
-    n_streamlines = len(streamlines_vox)
+def _classify_connections(streamlines_vox, bundles):
+    """Per streamline: its valid bundle ([S] int, -1 if none), invalid and no-connection flags ([S] bool);
+    and IB, the count of distinct region pairs joined by invalid streamlines."""
     n_bundles = len(bundles)
-    shape = bundles[0].mask.shape
-    if n_streamlines:
+    if len(streamlines_vox):
         first = np.stack([s[0] for s in streamlines_vox])
         last = np.stack([s[-1] for s in streamlines_vox])
         in_first, in_last = _region_of_points(first, bundles), _region_of_points(last, bundles)
@@ -140,8 +136,12 @@ def score_streamlines(streamlines_vox, bundles):
 
     region_pairs = np.sort(np.stack([in_first[invalid].argmax(axis=1),
                                      in_last[invalid].argmax(axis=1)], axis=1), axis=1)
-    n_invalid_bundles = len(np.unique(region_pairs, axis=0))
+    return valid_bundle, invalid, no_connection, len(np.unique(region_pairs, axis=0))
 
+
+def _bundle_metrics(streamlines_vox, bundles, valid_bundle: np.ndarray) -> dict:
+    """Bundle name -> VS, OL, OR, F1 of the streamlines assigned to it."""
+    shape = bundles[0].mask.shape
     flat, sample_ids = densify_to_voxels(streamlines_vox, shape)
     per_bundle = {}
     for b_index, bundle in enumerate(bundles):
@@ -159,7 +159,17 @@ def score_streamlines(streamlines_vox, bundles):
             "OR": overreach / mask_size if mask_size else 0.0,
             "F1": 2 * overlap / (int(covered.sum()) + mask_size) if n_valid else 0.0,
         }
+    return per_bundle
 
+
+def score_streamlines(streamlines_vox, bundles):
+    """Score streamlines given in vox/corner coordinates of the ground truth's grid.
+
+    Returns a dict of overall metrics and a ``bundles`` dict of per-bundle metrics (JSON-serialisable).
+    """
+    n_streamlines = len(streamlines_vox)
+    valid_bundle, invalid, no_connection, n_invalid_bundles = _classify_connections(streamlines_vox, bundles)
+    per_bundle = _bundle_metrics(streamlines_vox, bundles, valid_bundle)
     n_valid = int(np.sum(valid_bundle >= 0))
 
     def ratio(count):
@@ -168,7 +178,7 @@ def score_streamlines(streamlines_vox, bundles):
     return {
         "n_streamlines": n_streamlines,
         "VB": int(sum(1 for m in per_bundle.values() if m["VS"] > 0)),
-        "n_bundles": n_bundles,
+        "n_bundles": len(bundles),
         "IB": n_invalid_bundles,
         "VS": n_valid, "VS_ratio": ratio(n_valid),
         "IS": int(invalid.sum()), "IS_ratio": ratio(int(invalid.sum())),
