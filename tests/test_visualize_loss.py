@@ -12,13 +12,14 @@ from dipy.io.streamline import load_tractogram, save_tractogram
 from dipy.tracking.streamlinespeed import set_number_of_points
 from PIL import Image
 
-from trackflow.cli.visualize_loss import l2t_main
-from trackflow.cli.visualize_loss import tt_main
+from trackflow.cli.visualize_loss import l2t_main, tt_main
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.data.streamlines import euclidean_lengths
+from trackflow.errors import TrackflowError
 from trackflow.models.l2t import Learn2TrackModel
 from trackflow.models.persistence import load_experiment_model
 from trackflow.models.transformers import OriginalTransformerModel
+from trackflow.visualization.loss import LossVisualizationOptions
 
 SUBJECT = "sub-01"
 STEP_MM = 1.5  # differs from the hdf5's 1 mm, so the model's resampling is exercised
@@ -257,3 +258,17 @@ def test_existing_output_needs_overwrite(world, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "x_colored_loss.trk").stat().st_mtime_ns == before
     l2t_main(args + ["-f"])
+
+
+@pytest.mark.parametrize("options,message", [
+    ({}, "exactly one of --streamlines_group and --streamlines_file"),
+    ({"streamlines_group": "s", "streamlines_file": "f.trk"}, "exactly one of"),
+    ({"streamlines_group": "s", "colormap": "nope"}, "unknown matplotlib colormap"),
+    ({"streamlines_group": "s", "save_colored_best_and_worst": 0.0}, "--save_colored_best_and_worst must be"),
+    ({"streamlines_group": "s", "batch_size": 0}, "--batch_size must be at least 1"),
+    ({"streamlines_group": "s", "save_displacement": 0}, "--save_displacement must be at least 1"),
+])
+def test_options_are_checked_once_by_the_library(options, message):
+    """Callers of ``visualize_loss`` without the parser get the same rules, named by their CLI option."""
+    with pytest.raises(TrackflowError, match=message):
+        LossVisualizationOptions(**options)
