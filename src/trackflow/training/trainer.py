@@ -28,7 +28,7 @@ from trackflow.experiment import LOG_FILES, ExperimentFolder
 from trackflow.models.base import ModelConfig
 from trackflow.models.persistence import load_model_dir
 from trackflow.models.registry import check_model_family, model_class
-from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData
+from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData, cohort_preprocessing
 from trackflow.training.batch_sampler import BatchSampler, SamplerParams
 
 LOGGER = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class Trainer:
         self.loader = BatchLoader(
             loader_params,
             model.preprocessing,
-            {"step_size": cohort.step_size, "compress_lines": cohort.compress, "nb_points": cohort.nb_points},
+            cohort_preprocessing(cohort),
             seeds["loader"], self.device)
         self.training_data = SubsetData(cohort, cohort.subjects("training"), input_group, streamline_group,
                                         self.device, data_params.lazy, data_params.cache_size)
