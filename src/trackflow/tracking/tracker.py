@@ -69,14 +69,12 @@ class TrackingParameters:
     check_every: int = 4
 
     def __post_init__(self):
-        if self.algo not in ("det", "prob"):
-            raise TrackflowError(f"unknown tracking algorithm {self.algo!r} (det or prob)")
-        if not self.step_size_vox > 0:
-            raise TrackflowError(f"the step size must be positive, got {self.step_size_vox} voxels")
+        # The user-facing rules (algo, step size, lengths, slot count) are tracking.run.TrackingOptions';
+        # these two size the engine's buffers and loop.
         if self.max_points < 1:
             raise TrackflowError("the maximum length allows no step; raise --max_length")
-        if self.n_slots < 1 or self.check_every < 1:
-            raise TrackflowError("--simultaneous_tracking must be at least 1")
+        if self.check_every < 1:
+            raise TrackflowError(f"check_every must be at least 1, got {self.check_every}")
 
 
 @dataclass
