@@ -33,6 +33,7 @@ from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.models.l2t import Learn2TrackModel
 from trackflow.models.transformers import (OriginalTransformerModel, TransformerSrcAndTgtModel,
                                            TransformerSrcOnlyModel)
+from trackflow.tracking.decoders import DeterministicDecoder
 from trackflow.tracking.seeds import SeedGenerator
 from trackflow.tracking.stopping import MaskStoppingCriterion, StreamlineStatus, VolumeStoppingCriterion
 from trackflow.tracking.tracker import Tracker, TrackingParameters
@@ -190,7 +191,7 @@ def cpu_benchmark(args):
     criterion = MaskStoppingCriterion(torch.as_tensor(wm, device=device))
     step_vox = 0.5 / float(volume.voxres[0])
     params = TrackingParameters(step_size_vox=step_vox, max_points=int(args.max_length / 0.5) + 1,
-                                theta_deg=180, eos_threshold=None, n_slots=args.slots, rng_seed=0)
+                                theta_deg=180, eos_threshold=None, n_slots=args.slots)
     seeds = SeedGenerator(interface, rng_seed=0, device=device)
     models = {"l2t": l2t_model(volume.data.shape[3])}
     models.update(transformer_models(volume.data.shape[3]))
@@ -199,7 +200,8 @@ def cpu_benchmark(args):
     for name, model in models.items():
         model.to(device)
         print(f"{name}:")
-        engine = Tracker(model, volume_t, criterion, seeds, params)
+        decoder = DeterministicDecoder(model.direction_getter)
+        engine = Tracker(model, volume_t, criterion, seeds, decoder, params)
         result, seconds = timed(lambda: engine.track(args.seeds))
         engine_rate = report("engine", len(result.lengths), result.lengths.sum(), seconds)
         ref_seeds = seeds.positions(torch.arange(args.reference_seeds, device=device))
@@ -214,9 +216,9 @@ def cpu_benchmark(args):
             long_params = TrackingParameters(step_size_vox=step_vox, max_points=201, theta_deg=180,
                                              eos_threshold=None, n_slots=args.recompute_seeds,
                                              track_forward_only=True)
-            cached, cached_seconds = timed(lambda: Tracker(model, volume_t, NeverStop(), seeds, long_params)
-                                           .track(args.recompute_seeds))
-            full = Tracker(FullRecomputeModel(model), volume_t, NeverStop(), seeds, long_params)
+            cached, cached_seconds = timed(lambda: Tracker(model, volume_t, NeverStop(), seeds, decoder,
+                                                           long_params).track(args.recompute_seeds))
+            full = Tracker(FullRecomputeModel(model), volume_t, NeverStop(), seeds, decoder, long_params)
             result, seconds = timed(lambda: full.track(args.recompute_seeds))
             report("cached, 200 st.", len(cached.lengths), cached.lengths.sum(), cached_seconds)
             report("recompute, 200", len(result.lengths), result.lengths.sum(), seconds)
@@ -234,9 +236,9 @@ def gpu_benchmark(args):
     seed_mask = np.zeros(shape, np.float32)
     seed_mask[54:74, 54:74, 54:74] = 1  # centre: a 200-step walk of 0.2 voxel cannot leave the volume
     params = TrackingParameters(step_size_vox=0.2, max_points=201, theta_deg=180, eos_threshold=None,
-                                n_slots=args.gpu_slots, rng_seed=0, track_forward_only=True)
+                                n_slots=args.gpu_slots, track_forward_only=True)
     tracker = Tracker(model, volume, VolumeStoppingCriterion(shape), SeedGenerator(seed_mask, 0, device),
-                      params)
+                      DeterministicDecoder(model.direction_getter), params)
     result, seconds = timed(lambda: tracker.track(args.gpu_streamlines))
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -79,7 +79,7 @@ def test_bad_options_rejected():
     with pytest.raises(TrackflowError):
         make_direction_getter("fisher-von-mises-mixture", 10, {"n_cluster": 0})
     with pytest.raises(TrackflowError):
-        make_direction_getter("cosine-regression", 10, {}).sample(torch.zeros(2, 3), torch.Generator())
+        make_direction_getter("cosine-regression", 10, {}).sample_from_uniforms(torch.zeros(2, 3), torch.rand(2, 1))
 
 
 def _mlp_numpy(layers, h):
@@ -230,7 +230,7 @@ def test_classification_decoding_ignores_eos_class():
     raw[:, 724] = 10.0  # EOS is the most likely class, but directions come from the vertices
     raw[0, 17], raw[1, 400] = 3.0, 3.0
     np.testing.assert_allclose(head.deterministic(raw).numpy(), VERTICES[[17, 400]], atol=1e-7)
-    samples = head.sample(raw, torch.Generator().manual_seed(0))
+    samples = _sample(head, raw, torch.Generator().manual_seed(0))
     np.testing.assert_allclose(samples.numpy(), VERTICES[[17, 400]], atol=1e-7)
 
 
@@ -242,8 +242,14 @@ def test_mixture_deterministic_is_mean_of_most_probable_component():
     torch.testing.assert_close(head.deterministic(raw), expected)
 
 
+def _sample(head, raw, generator):
+    """One draw per row, with the uniforms drawn here (the tracker's decoders draw their own)."""
+    u = torch.rand(raw.shape[0], head.n_uniforms, generator=generator, dtype=raw.dtype)
+    return head.sample_from_uniforms(raw, u)
+
+
 def _draw(head, raw, n, seed=0):
-    return head.sample(raw.expand(n, -1).contiguous(), torch.Generator().manual_seed(seed)).double().numpy()
+    return _sample(head, raw.expand(n, -1).contiguous(), torch.Generator().manual_seed(seed)).double().numpy()
 
 
 def test_categorical_sampling_frequencies():
@@ -314,9 +320,9 @@ def test_same_seed_same_samples(key):
     torch.manual_seed(4)
     head = make_direction_getter(key, 10, {"add_eos": True})
     raw = head(torch.randn(64, 10)).detach()
-    first = head.sample(raw, torch.Generator().manual_seed(7))
-    again = head.sample(raw, torch.Generator().manual_seed(7))
-    other = head.sample(raw, torch.Generator().manual_seed(8))
+    first = _sample(head, raw, torch.Generator().manual_seed(7))
+    again = _sample(head, raw, torch.Generator().manual_seed(7))
+    other = _sample(head, raw, torch.Generator().manual_seed(8))
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert torch.isfinite(first).all() and first.shape == (64, 3)
     # All the randomness comes from u: rows depend only on their own uniforms.

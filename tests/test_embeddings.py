@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from trackflow.errors import TrackflowError
+from trackflow.geometry.directions import previous_directions, previous_directions_at_last_point
 from trackflow.geometry.neighborhood import neighborhood_offsets
-from trackflow.models.embeddings import (CNNEmbedding, NNEmbedding, NoEmbedding, make_embedding,
-                                         previous_directions, previous_directions_at_last_point)
+from trackflow.models.embeddings import CNNEmbedding, NNEmbedding, NoEmbedding, make_embedding
 
 
 def test_no_embedding_is_identity():

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from trackflow.data.streamlines import gather_ragged
 from trackflow.errors import TrackflowError
+from trackflow.tracking.decoders import DeterministicDecoder, SampledDecoder, make_direction_decoder
 from trackflow.tracking.random import counter_uniforms
 from trackflow.tracking.seeds import SeedGenerator, count_seeds
 from trackflow.tracking.stopping import MaskStoppingCriterion, StreamlineStatus, VolumeStoppingCriterion
@@ -102,7 +104,8 @@ def track(model, criterion, seeds, n_seeds=None, **params):
     params.setdefault("step_size_vox", 1.0)
     params.setdefault("max_points", 100)
     params.setdefault("eos_threshold", 0.5)
-    tracker = Tracker(model, torch.zeros(2, 2, 2, 1), criterion, seeds, TrackingParameters(**params))
+    tracker = Tracker(model, torch.zeros(2, 2, 2, 1), criterion, seeds,
+                      DeterministicDecoder(model.direction_getter), TrackingParameters(**params))
     n_seeds = n_seeds if n_seeds is not None else len(seeds.positions_table)
     result = tracker.track(n_seeds)
     streamlines = np.split(result.points, np.cumsum(result.lengths)[:-1])
@@ -219,8 +222,22 @@ def test_no_nan_point_is_written():
 def test_prob_needs_a_sampling_head():
     model = FieldModel(x_field(), head=FieldHead(supports_sampling=False))
     with pytest.raises(TrackflowError, match="sampl"):
-        Tracker(model, torch.zeros(1, 1, 1, 1), VolumeStoppingCriterion((10, 5, 5)), FixedSeeds([CENTRE]),
-                TrackingParameters(step_size_vox=1.0, max_points=10, algo="prob"))
+        make_direction_decoder("prob", model.direction_getter, 0)
+    assert isinstance(make_direction_decoder("det", model.direction_getter, 0), DeterministicDecoder)
+    assert isinstance(make_direction_decoder("prob", FieldHead(), 0), SampledDecoder)
+    with pytest.raises(TrackflowError, match="unknown tracking algorithm"):
+        make_direction_decoder("fast", model.direction_getter, 0)
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(n_slots=0), "--simultaneous_tracking must be at least 1, got 0"),
+    (dict(check_every=0), "check_every .* must be at least 1, got 0"),
+    (dict(step_size_vox=0.0), "step size must be positive"),
+    (dict(max_points=0), "raise --max_length"),
+])
+def test_tracking_parameters_say_what_is_wrong(params, message):
+    with pytest.raises(TrackflowError, match=message):
+        TrackingParameters(**{"step_size_vox": 1.0, "max_points": 10, **params})
 
 
 def curved_world():
@@ -241,8 +258,9 @@ def test_same_tractogram_whatever_the_number_of_slots(algo):
         model = FieldModel(field, eos)
         seeds = SeedGenerator(mask, rng_seed=3)
         tracker = Tracker(model, torch.zeros(1, 1, 1, 1), MaskStoppingCriterion(torch.as_tensor(mask)), seeds,
-                          TrackingParameters(step_size_vox=0.5, max_points=16, theta_deg=50, algo=algo,
-                                             eos_threshold=0.5, rng_seed=11, n_slots=n_slots, check_every=3))
+                          make_direction_decoder(algo, model.direction_getter, rng_seed=11),
+                          TrackingParameters(step_size_vox=0.5, max_points=16, theta_deg=50, eos_threshold=0.5,
+                                             n_slots=n_slots, check_every=3))
         results.append(tracker.track(60))
     first = results[0]
     assert len(set(first.lengths.tolist())) > 5  # the world is not trivial
@@ -258,12 +276,22 @@ def test_prob_tracking_depends_on_rng_seed():
     field, mask, eos = curved_world()
     out = []
     for rng_seed in (1, 2):
-        tracker = Tracker(FieldModel(field, eos), torch.zeros(1, 1, 1, 1),
-                          MaskStoppingCriterion(torch.as_tensor(mask)), SeedGenerator(mask, rng_seed=3),
-                          TrackingParameters(step_size_vox=0.5, max_points=40, algo="prob", rng_seed=rng_seed,
+        model = FieldModel(field, eos)
+        tracker = Tracker(model, torch.zeros(1, 1, 1, 1), MaskStoppingCriterion(torch.as_tensor(mask)),
+                          SeedGenerator(mask, rng_seed=3), SampledDecoder(model.direction_getter, rng_seed),
+                          TrackingParameters(step_size_vox=0.5, max_points=40,
                                              n_slots=16))
         out.append(tracker.track(20))
     assert not np.array_equal(out[0].points[:50], out[1].points[:50])
+
+
+def test_gather_ragged_puts_streamlines_in_the_given_order():
+    lengths = np.array([2, 3, 1])
+    offsets = np.array([0, 2, 5])
+    data = np.arange(6) * 10  # streamline 0: 0 10, 1: 20 30 40, 2: 50
+    assert data[gather_ragged(offsets, lengths, np.array([2, 0, 1]))].tolist() == [50, 0, 10, 20, 30, 40]
+    assert data[gather_ragged(offsets, lengths, np.array([1, 1]))].tolist() == [20, 30, 40, 20, 30, 40]
+    assert gather_ragged(offsets, lengths, np.array([], dtype=np.int64)).tolist() == []
 
 
 def test_reverse_prefixes():

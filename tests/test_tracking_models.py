@@ -11,6 +11,7 @@ import torch
 from trackflow.models.l2t import Learn2TrackModel
 from trackflow.models.transformers import (OriginalTransformerModel, TransformerSrcAndTgtModel,
                                            TransformerSrcOnlyModel)
+from trackflow.tracking.decoders import make_direction_decoder
 from trackflow.tracking.seeds import SeedGenerator
 from trackflow.tracking.stopping import MaskStoppingCriterion
 from trackflow.tracking.tracker import Tracker, TrackingParameters
@@ -49,11 +50,11 @@ def world():
     return volume, mask
 
 
-def run(model, volume, mask, n_seeds, **overrides):
-    params = dict(step_size_vox=0.5, max_points=30, theta_deg=180, eos_threshold=0.6, rng_seed=5, n_slots=8,
-                  check_every=2)
+def run(model, volume, mask, n_seeds, algo="det", **overrides):
+    params = dict(step_size_vox=0.5, max_points=30, theta_deg=180, eos_threshold=0.6, n_slots=8, check_every=2)
     params.update(overrides)
     tracker = Tracker(model, volume, MaskStoppingCriterion(torch.as_tensor(mask)), SeedGenerator(mask, 5),
+                      make_direction_decoder(algo, model.direction_getter, rng_seed=5),
                       TrackingParameters(**params))
     return tracker.track(n_seeds)
 

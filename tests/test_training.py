@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.ndimage import map_coordinates
 
-from trackflow.cli import (l2t_resume_training_from_checkpoint, l2t_train_model,
-                           tt_resume_training_from_checkpoint, tt_train_model, visualize_logs)
+from trackflow.cli import visualize_logs
+from trackflow.cli.train import l2t_main, l2t_resume_main, tt_main, tt_resume_main
 from trackflow.data.hdf5.creation import create_hdf5_dataset
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.device import select_device
@@ -42,8 +42,8 @@ def training_only_hdf5(tiny_cohort, tmp_path_factory):
                                root / "empty.txt", step_size=1.0)
 
 
-def _train(script, exps, name, hdf5, *options):
-    script.main([str(exps), name, str(hdf5), "input", "streamlines", *options])
+def _train(main, exps, name, hdf5, *options):
+    main([str(exps), name, str(hdf5), "input", "streamlines", *options])
     return exps / name
 
 
@@ -146,7 +146,7 @@ def test_split_and_reverse_keep_every_streamline(tiny_hdf5):
 
 # ---------------------------------------------------------------------------------------------- trainer
 def test_l2t_validation_loss_falls_and_folder_layout(tiny_hdf5, tmp_path):
-    exp = _train(l2t_train_model, tmp_path, "l2t", tiny_hdf5, "--rnn_key", "gru", "--rnn_layer_sizes", "32",
+    exp = _train(l2t_main, tmp_path, "l2t", tiny_hdf5, "--rnn_key", "gru", "--rnn_layer_sizes", "32",
                  "--nb_previous_dirs", "1", "--input_embedding_key", "nn_embedding",
                  "--input_embedded_size", "16", "--add_eos", "--batch_size_training", "10",
                  "--learning_rate", "0.01", "--weight_decay", "0", "--max_epochs", "6")
@@ -174,13 +174,13 @@ def test_l2t_validation_loss_falls_and_folder_layout(tiny_hdf5, tmp_path):
 
 
 def test_same_rng_same_weights_and_resume_equals_uninterrupted(tiny_hdf5, tmp_path):
-    full = _train(l2t_train_model, tmp_path, "full", tiny_hdf5, *RANDOM_L2T, "--max_epochs", "2")
-    again = _train(l2t_train_model, tmp_path, "again", tiny_hdf5, *RANDOM_L2T, "--max_epochs", "2",
+    full = _train(l2t_main, tmp_path, "full", tiny_hdf5, *RANDOM_L2T, "--max_epochs", "2")
+    again = _train(l2t_main, tmp_path, "again", tiny_hdf5, *RANDOM_L2T, "--max_epochs", "2",
                    "--lazy", "--cache_size", "1")
-    other_seed = _train(l2t_train_model, tmp_path, "other", tiny_hdf5, *RANDOM_L2T, "--max_epochs", "2",
+    other_seed = _train(l2t_main, tmp_path, "other", tiny_hdf5, *RANDOM_L2T, "--max_epochs", "2",
                         "--rng", "7")
-    half = _train(l2t_train_model, tmp_path, "half", tiny_hdf5, *RANDOM_L2T, "--max_epochs", "1")
-    l2t_resume_training_from_checkpoint.main([str(tmp_path), "half", "--new_max_epochs", "2"])
+    half = _train(l2t_main, tmp_path, "half", tiny_hdf5, *RANDOM_L2T, "--max_epochs", "1")
+    l2t_resume_main([str(tmp_path), "half", "--new_max_epochs", "2"])
 
     assert _same_weights(_state(full), _state(again))          # same seed (lazy or not): same weights
     assert not _same_weights(_state(full), _state(other_seed))
@@ -195,7 +195,7 @@ def test_same_rng_same_weights_and_resume_equals_uninterrupted(tiny_hdf5, tmp_pa
 @pytest.mark.parametrize("model", ["TTO", "TTS", "TTST"])
 def test_transformers_train_and_reload(tiny_hdf5, tmp_path, capsys, model):
     extra = ["--target_embedded_size", "4"] if model == "TTST" else []
-    exp = _train(tt_train_model, tmp_path, model, tiny_hdf5, "--model", model, "--input_embedded_size", "8",
+    exp = _train(tt_main, tmp_path, model, tiny_hdf5, "--model", model, "--input_embedded_size", "8",
                  *extra, "--nheads", "2", "--n_layers_e", "1", "--max_len", "64", "--add_eos",
                  "--batch_size_training", "10", "--batch_size_validation", "50", "--learning_rate", "0.01",
                  "--max_epochs", "2", "--norm_first")
@@ -207,25 +207,25 @@ def test_transformers_train_and_reload(tiny_hdf5, tmp_path, capsys, model):
     assert _same_weights(loaded.state_dict(), _state(exp, "checkpoint/model"))
     # The l2t resume script refuses a transformer experiment; the tt one needs a larger max_epochs.
     with pytest.raises(SystemExit):
-        l2t_resume_training_from_checkpoint.main([str(tmp_path), model, "--new_max_epochs", "3"])
+        l2t_resume_main([str(tmp_path), model, "--new_max_epochs", "3"])
     assert "use tt_resume_training_from_checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        tt_resume_training_from_checkpoint.main([str(tmp_path), model])
+        tt_resume_main([str(tmp_path), model])
 
 
 def test_patience_stops_training(tiny_hdf5, tmp_path):
     # A delta larger than any possible improvement: only epoch 1 counts as best.
-    exp = _train(l2t_train_model, tmp_path, "patient", tiny_hdf5, *TINY_L2T, "--max_epochs", "5",
+    exp = _train(l2t_main, tmp_path, "patient", tiny_hdf5, *TINY_L2T, "--max_epochs", "5",
                  "--patience", "1", "--patience_delta", "100")
     assert len(np.load(exp / "logs" / LOG_FILES["train_loss"])) == 2
     with pytest.raises(SystemExit):
-        l2t_resume_training_from_checkpoint.main([str(tmp_path), "patient"])
-    l2t_resume_training_from_checkpoint.main([str(tmp_path), "patient", "--new_patience", "2"])
+        l2t_resume_main([str(tmp_path), "patient"])
+    l2t_resume_main([str(tmp_path), "patient", "--new_patience", "2"])
     assert len(np.load(exp / "logs" / LOG_FILES["train_loss"])) == 3
 
 
 def test_without_validation_the_training_loss_selects_the_best_model(training_only_hdf5, tmp_path, capsys):
-    exp = _train(l2t_train_model, tmp_path, "no_valid", training_only_hdf5, *TINY_L2T, "--max_epochs", "2")
+    exp = _train(l2t_main, tmp_path, "no_valid", training_only_hdf5, *TINY_L2T, "--max_epochs", "2")
     assert "no validation subject" in capsys.readouterr().err
     train = np.load(exp / "logs" / LOG_FILES["train_loss"])
     assert np.isnan(np.load(exp / "logs" / LOG_FILES["valid_loss"])).all()
@@ -234,7 +234,7 @@ def test_without_validation_the_training_loss_selects_the_best_model(training_on
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tiny_hdf5, tmp_path):
-    exp = _train(l2t_train_model, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1")
+    exp = _train(l2t_main, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1")
     before = (exp / "checkpoint" / "checkpoint_state.pkl").read_bytes()
 
     class BrokenModel:
@@ -261,7 +261,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_hdf5, tmp_path):
 ])
 def test_bad_options_fail_before_training(tiny_hdf5, tmp_path, capsys, positionals, options, message):
     with pytest.raises(SystemExit) as exit_info:
-        l2t_train_model.main([str(tmp_path), "exp", str(tiny_hdf5), *positionals, *TINY_L2T, *options])
+        l2t_main([str(tmp_path), "exp", str(tiny_hdf5), *positionals, *TINY_L2T, *options])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
@@ -270,14 +270,14 @@ def test_bad_options_fail_before_training(tiny_hdf5, tmp_path, capsys, positiona
 
 def test_existing_experiment_and_missing_paths(tiny_hdf5, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        l2t_train_model.main([str(tmp_path / "missing"), "exp", str(tiny_hdf5), "input", "streamlines"])
+        l2t_main([str(tmp_path / "missing"), "exp", str(tiny_hdf5), "input", "streamlines"])
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "old_file").write_text("x")
     with pytest.raises(SystemExit):
-        _train(l2t_train_model, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1")
+        _train(l2t_main, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1")
     assert "already exists" in capsys.readouterr().err
-    _train(l2t_train_model, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1", "-f")
+    _train(l2t_main, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1", "-f")
     assert not (tmp_path / "exp" / "old_file").exists() and (tmp_path / "exp" / "best_model").is_dir()
 
 
@@ -292,7 +292,7 @@ def test_learning_rate_schedule_and_device_fallback(caplog):
 
 # ---------------------------------------------------------------------------------------------- log plots
 def test_visualize_logs_writes_pngs(tiny_hdf5, tmp_path, capsys):
-    exp = _train(l2t_train_model, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "2")
+    exp = _train(l2t_main, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "2")
     prefix = tmp_path / "plots" / "run_"
     visualize_logs.main([str(exp), str(exp), "--save_figures", str(prefix)])
     for name in ("loss", "grad_norm", "time"):
@@ -303,9 +303,39 @@ def test_visualize_logs_writes_pngs(tiny_hdf5, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", [l2t_train_model, tt_train_model, l2t_resume_training_from_checkpoint,
-                                    tt_resume_training_from_checkpoint, visualize_logs])
-def test_help(script, capsys):
+@pytest.mark.parametrize("main", [l2t_main, tt_main, l2t_resume_main, tt_resume_main, visualize_logs.main])
+def test_help(main, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        script.main(["--help"])
+        main(["--help"])
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_use_gpu_is_a_runtime_choice_on_resume(tiny_hdf5, tmp_path, capsys):
+    """--use_gpu is not stored as a training parameter: a run started with it resumes on the CPU without it,
+    and resuming with it on a machine without CUDA warns and runs; an old checkpoint storing use_gpu resumes."""
+    exp = _train(l2t_main, tmp_path, "gpu", tiny_hdf5, *TINY_L2T, "--max_epochs", "1", "--use_gpu")
+    state = ExperimentFolder(exp).load_checkpoint_state()
+    assert "use_gpu" not in state["params_for_init"]
+    l2t_resume_main([str(tmp_path), "gpu", "--new_max_epochs", "2"])
+    assert len(np.load(exp / "logs" / LOG_FILES["train_loss"])) == 2
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        l2t_resume_main([str(tmp_path), "gpu", "--new_max_epochs", "3", "--use_gpu"])
+        assert "CUDA is not available" in capsys.readouterr().err  # the CLI's log handler writes to stderr
+        assert len(np.load(exp / "logs" / LOG_FILES["train_loss"])) == 3
+    # A checkpoint written when use_gpu was a stored trainer parameter: the stored value is ignored.
+    folder = ExperimentFolder(exp)
+    state = folder.load_checkpoint_state()
+    state["params_for_init"]["use_gpu"] = True
+    torch.save(state, folder.checkpoint_state_file)
+    epochs = len(np.load(exp / "logs" / LOG_FILES["train_loss"]))
+    l2t_resume_main([str(tmp_path), "gpu", "--new_max_epochs", str(epochs + 1)])
+    assert len(np.load(exp / "logs" / LOG_FILES["train_loss"])) == epochs + 1
+
+
+def test_model_config_asdict_is_parameters_json(tiny_hdf5, tmp_path):
+    exp = _train(l2t_main, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1")
+    model = load_experiment_model(exp)
+    saved = json.loads((exp / "best_model" / "parameters.json").read_text())
+    from dataclasses import asdict
+    assert list(asdict(model.config).items()) == list(saved.items())

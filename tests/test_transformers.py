@@ -353,10 +353,8 @@ def padded(streamlines, lengths):
     return out
 
 
-@pytest.mark.parametrize("name, attend_to_all", [
-    ("TTO", False), ("TTS", False), ("TTST-sphere", False), ("TTS-gelu-prenorm", False),
-    ("TTO-sphere-gelu-prenorm", False), ("TTO", True), ("TTST-sphere", True)])
-def test_tracking_steps_equal_the_whole_sequence_forward(name, attend_to_all):
+@pytest.mark.parametrize("name", ["TTO", "TTS", "TTST-sphere", "TTS-gelu-prenorm", "TTO-sphere-gelu-prenorm"])
+def test_tracking_steps_equal_the_whole_sequence_forward(name):
     n_steps, max_points = 200, 240
     model = build(name, max_len=256)
     generator = torch.Generator().manual_seed(5)
@@ -369,8 +367,6 @@ def test_tracking_steps_equal_the_whole_sequence_forward(name, attend_to_all):
     expected_replacement, = whole_sequence_outputs(model, volume, [replacement])
 
     state = model.new_tracking_state(volume, n_slots=6, max_points=max_points)
-    assert not state.attend_to_all  # CPU volume
-    state.attend_to_all = attend_to_all  # the GPU setting: attend over every cache position
     next_length = {1: 1, 2: 31, 4: 1, 5: 1}
     start_rows = torch.tensor(list(next_length))
     start_lengths = torch.tensor(list(next_length.values()))

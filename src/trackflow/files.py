@@ -6,6 +6,9 @@ its final name.
 """
 
 import contextlib
+import ctypes
+import errno
+import glob
 import os
 import shutil
 import tempfile
@@ -27,49 +30,146 @@ def check_inputs(paths) -> None:
             raise TrackflowError(f"input {p} does not exist")
 
 
+# renameat2(2) flag: fail with EEXIST instead of replacing the destination.
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_no_replace(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``, failing with FileExistsError if ``target`` exists (atomically)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):  # other errors are real; these mean "not supported here"
+            raise OSError(err, os.strerror(err), str(target))
+    if source.is_dir():
+        os.rename(source, target)  # refuses a non-empty target; an empty one is no result to lose
+        return
+    os.link(source, target)  # fails if target exists
+    os.unlink(source)
+
+
+def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, final)
+        return
+    try:
+        _rename_no_replace(tmp, final)
+    except FileExistsError:
+        raise TrackflowError(f"output {final} already exists (use -f to overwrite)") from None
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise TrackflowError(f"output {final} already exists (use -f to overwrite)") from None
+        raise
+
+
+def _temporary_prefix(final: Path) -> str:
+    # The writer's pid in the name tells a stale temporary (its writer was killed) from a live one.
+    return f".{final.name}.{os.getpid()}-"
+
+
+def remove_stale_temporaries(final) -> None:
+    """Delete the temporaries of ``final`` left by writers that no longer run (killed with SIGKILL, say)."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    for path in final.parent.glob(f".{glob.escape(final.name)}.*-*.tmp*"):
+        pid = path.name[len(final.name) + 2:].split("-", 1)[0]
+        if not pid.isdigit() or _process_exists(int(pid)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file (and the folder's entry) to disk, so that a crash after the rename cannot
+    leave an empty file under the final name."""
+    if path.is_file():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_output(final_path, suffix=None):
+def atomic_output(final_path, suffix=None, overwrite: bool = True):
     """Yield a temporary path beside ``final_path``; rename it to ``final_path`` only on success.
 
-    An interrupted or failing writer therefore never leaves a partial file under the final name.
-    The suffix of the final name is kept so that format detection by extension still works.
+    An interrupted or failing writer therefore never leaves a partial file under the final name. The
+    suffix of the final name is kept so that format detection by extension still works. With
+    ``overwrite=False`` the rename refuses an existing ``final_path`` atomically, so that of two runs
+    racing for the same new output one fails instead of silently replacing the other's result.
     """
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final_path)
     suffix = suffix if suffix is not None else "".join(final_path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=f".tmp{suffix}",
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(final_path), suffix=f".tmp{suffix}",
                                dir=final_path.parent)
     os.close(fd)
     os.unlink(tmp)  # writers (h5py, nibabel, torch) create the file themselves
+    tmp = Path(tmp)
     try:
-        yield Path(tmp)
-        os.replace(tmp, final_path)
+        yield tmp
+        _fsync(tmp)
+        _publish(tmp, final_path, overwrite)
+        _fsync_directory(final_path.parent)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
 
 
 @contextlib.contextmanager
-def atomic_directory(final_dir):
+def atomic_directory(final_dir, overwrite: bool = True):
     """Yield a temporary directory beside ``final_dir`` that replaces it only on success.
 
     The old directory (if any) is moved aside, the new one renamed into place, then the old one deleted:
     an interrupted writer leaves the previous directory untouched and no partial one under the name.
+    With ``overwrite=False`` an existing ``final_dir`` is refused at the rename, atomically.
     """
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".tmp", dir=final_dir.parent))
+    remove_stale_temporaries(final_dir)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=_temporary_prefix(final_dir), suffix=".tmp", dir=final_dir.parent))
     try:
         yield tmp_dir
         tmp_dir.chmod(0o755)  # mkdtemp makes it private
-        if final_dir.exists():
+        for path in tmp_dir.rglob("*"):
+            _fsync(path)
+        if final_dir.exists() and overwrite:
             # A directory cannot be renamed over a non-empty one.
-            old_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".old", dir=final_dir.parent))
+            old_dir = Path(tempfile.mkdtemp(prefix=_temporary_prefix(final_dir), suffix=".tmp.old",
+                                            dir=final_dir.parent))
             os.replace(final_dir, old_dir / final_dir.name)
             os.replace(tmp_dir, final_dir)
             shutil.rmtree(old_dir)
         else:
-            os.replace(tmp_dir, final_dir)
+            _publish(tmp_dir, final_dir, overwrite=False)
+        _fsync_directory(final_dir.parent)
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir)

@@ -141,6 +141,27 @@ def offsets_from_lengths(lengths) -> np.ndarray:
     return np.cumsum(lengths) - lengths
 
 
+def gather_ragged(offsets: np.ndarray, lengths: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Flat point indices that put streamlines ``order`` one after the other.
+
+    Parameters
+    ----------
+    offsets, lengths : ndarray [S] int
+        Start row and point count of each streamline in a flat [P, ...] per-point array.
+    order : ndarray [S'] int
+        Streamlines to take, in output order (repeats allowed).
+
+    Returns
+    -------
+    ndarray [sum lengths[order]] int64
+        ``data[gather_ragged(offsets, lengths, order)]``: the points of ``order[0]``, then ``order[1]``...
+    """
+    new_lengths = np.asarray(lengths, dtype=np.int64)[order]
+    # Output point j of streamline i comes from offsets[order[i]] + (j - new_offsets[i]).
+    shift = np.asarray(offsets, dtype=np.int64)[order] - offsets_from_lengths(new_lengths)
+    return np.repeat(shift, new_lengths) + np.arange(new_lengths.sum())
+
+
 def array_sequence_from_parts(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray
                                ) -> ArraySequence:
     """Wrap ``data [P, 3]``, ``offsets [B]``, ``lengths [B]`` as an ArraySequence without copying.

@@ -1,4 +1,7 @@
-"""Causal attention, encoder and decoder layers with a per-row key/value cache (nanoGPT-style).
+"""Causal attention, encoder and decoder layers with a per-row key/value cache.
+
+Modelled on torch's stock transformer layers plus the incremental decoding of autoregressive decoders
+(a key/value cache per layer, as Hugging Face's ``past_key_values``), kept per tracking slot.
 
 Parameter names follow torch's ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (packed
 ``in_proj_weight``), so the weights are interchangeable with the stock layers. Attention over whole

@@ -11,6 +11,7 @@ the tracker knows about a model; see ``docs/design.md`` ("Models") for the slot 
 
 import abc
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,6 +23,31 @@ from trackflow.models.direction_getters import make_direction_getter
 from trackflow.models.embeddings import make_embedding
 
 LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelConfig:
+    """The ``parameters.json`` keys every model shares (checkpoints §1.2), in dwi_ml's order.
+
+    ``dataclasses.asdict`` of a model's config is its ``parameters.json``; the fields are the model
+    constructor's keywords, and the constructor is the one validator of their rules. ``nb_features`` is
+    None until the trainer reads it from the hdf5.
+    """
+
+    experiment_name: str | None = None
+    step_size: float | None = None
+    compress_lines: float | bool | None = False
+    nb_points: int | None = None
+    input_embedding_key: str = "no_embedding"
+    input_embedded_size: int | None = None
+    kernel_size: list | None = None
+    nb_cnn_filters: list | None = None
+    neighborhood_type: str | None = None
+    neighborhood_radius: int | None = None
+    neighborhood_resolution: float | None = None
+    dg_key: str = "cosine-regression"
+    dg_args: dict | None = None
+    nb_features: int | None = None
 
 
 class MainModel(nn.Module, abc.ABC):
@@ -62,6 +88,8 @@ class MainModel(nn.Module, abc.ABC):
         Set by the subclass through ``_build_direction_getter``.
     """
 
+    config_class = ModelConfig  # subclasses name their own
+
     def __init__(self, *, experiment_name=None, step_size=None, compress_lines=False, nb_points=None,
                  input_embedding_key="no_embedding", input_embedded_size=None, kernel_size=None,
                  nb_cnn_filters=None, neighborhood_type=None, neighborhood_radius=None,
@@ -72,8 +100,10 @@ class MainModel(nn.Module, abc.ABC):
             LOGGER.debug("%s: ignoring unknown parameters %s", type(self).__name__, sorted(unknown_params))
         if isinstance(nb_features, bool) or not isinstance(nb_features, int) or nb_features < 1:
             raise TrackflowError(f"nb_features must be a positive integer, got {nb_features!r}")
-        preprocessing = {"step_size": step_size, "compress_lines": compress_lines, "nb_points": nb_points}
-        chosen = [k for k, v in preprocessing.items() if v not in (None, False)]
+        self.step_size = step_size
+        self.compress_lines = compress_lines
+        self.nb_points = nb_points
+        chosen = [k for k, v in self.preprocessing.items() if v not in (None, False)]
         if len(chosen) > 1:
             raise TrackflowError(f"only one of step_size, compress_lines, nb_points may be set, got {chosen}")
         if neighborhood_type is None and (neighborhood_radius is not None
@@ -81,9 +111,6 @@ class MainModel(nn.Module, abc.ABC):
             raise TrackflowError("neighborhood_radius/resolution were given without a neighborhood_type")
 
         self.experiment_name = experiment_name
-        self.step_size = step_size
-        self.compress_lines = compress_lines
-        self.nb_points = nb_points
         self.input_embedding_key = input_embedding_key
         self.input_embedded_size = input_embedded_size
         self.kernel_size = kernel_size
@@ -116,6 +143,17 @@ class MainModel(nn.Module, abc.ABC):
     def _build_direction_getter(self, in_size: int) -> None:
         """Create ``self.direction_getter`` (prefix ``direction_getter.``) on ``in_size`` features."""
         self.direction_getter = make_direction_getter(self.dg_key, in_size, self._dg_args)
+
+    @property
+    def preprocessing(self) -> dict:
+        """The streamline preprocessing the model was trained with: ``{step_size, compress_lines, nb_points}``
+        (mm, mm, count; at most one set)."""
+        return {"step_size": self.step_size, "compress_lines": self.compress_lines, "nb_points": self.nb_points}
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's ``config_class`` instance, as resolved by the constructor (what is saved)."""
+        return self.config_class(**self.params_for_checkpoint())
 
     def params_for_checkpoint(self) -> dict:
         """The constructor keywords as written in ``parameters.json`` (common keys; subclasses add theirs)."""

@@ -125,7 +125,7 @@ class DirectionGetter(nn.Module):
     def __init__(self, in_size: int, dropout: float = 0.0, add_eos: bool = False, eos_weight: float = 1.0):
         super().__init__()
         if not 0.0 <= dropout <= 1.0:
-            raise TrackflowError(f"direction getter dropout must be in [0, 1], got {dropout}.")
+            raise TrackflowError(f"the direction getter dropout (--dg_dropout) must be in [0, 1], got {dropout}.")
         if eos_weight < 0:
             raise TrackflowError(f"eos_weight must be >= 0, got {eos_weight}.")
         self.in_size = in_size
@@ -193,11 +193,6 @@ class DirectionGetter(nn.Module):
         """Direction [N, 3] drawn from the head's distribution; u [N, n_uniforms] in [0, 1) is its only
         source of randomness."""
         raise NotImplementedError
-
-    def sample(self, raw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Draw u with ``generator`` (on raw's device) and call ``sample_from_uniforms``."""
-        u = torch.rand(raw.shape[0], self.n_uniforms, generator=generator, device=raw.device, dtype=raw.dtype)
-        return self.sample_from_uniforms(raw, u)
 
     def eos_probability(self, raw: torch.Tensor) -> torch.Tensor | None:
         """[N] probability that the streamline ends here (sigmoid of the EOS logit); None without EOS."""
@@ -303,7 +298,7 @@ class SphereClassificationDirectionGetter(DirectionGetter):
                  sphere: str = DEFAULT_SPHERE):
         super().__init__(in_size, dropout, add_eos, eos_weight)
         if self.add_eos and self.eos_weight != 1.0:
-            raise TrackflowError("with classification heads EOS is one more class: eos_weight must be 1.0.")
+            raise TrackflowError(f"--eos_weight must be 1 with {self.key}: EOS is one more class of the softmax.")
         try:
             vertices = get_sphere(name=sphere).vertices
         except Exception as error:
@@ -605,3 +600,35 @@ def make_direction_getter(key: str, in_size: int, dg_args: dict) -> DirectionGet
         elif value is not None or parameters[name].default is None:
             kwargs[name] = value
     return head_class(in_size, **kwargs)
+
+
+def dg_args_from_options(dg_key: str, *, dropout: float, add_eos: bool, eos_weight: float,
+                         normalize_targets: float | None = None, normalize_outputs: float | None = None,
+                         entropy_weight: float | None = None, nb_gaussians: int | None = None,
+                         n_cluster: int | None = None) -> dict:
+    """``dg_args`` as dwi_ml's CLIs write them (checkpoints §1.5), refusing head options the head ignores.
+
+    The refusals name the train scripts' options (``--add_entropy_to_gauss`` is ``entropy_weight``,
+    ``--dg_nb_gaussians`` ``nb_gaussians``, ``--dg_nb_clusters`` ``n_cluster``); the head's constructor
+    checks the values.
+    """
+    given = {"normalize_outputs": normalize_outputs, "normalize_targets": normalize_targets,
+             "add_entropy_to_gauss": entropy_weight, "dg_nb_gaussians": nb_gaussians, "dg_nb_clusters": n_cluster}
+    for option, allowed in (("normalize_outputs", REGRESSION_HEADS),
+                            ("normalize_targets", REGRESSION_HEADS + GAUSSIAN_HEADS),
+                            ("add_entropy_to_gauss", ("gaussian",)), ("dg_nb_gaussians", ("gaussian-mixture",)),
+                            ("dg_nb_clusters", ("fisher-von-mises-mixture",))):
+        if given[option] is not None and dg_key not in allowed:
+            raise TrackflowError(f"--{option} does not apply to --dg_key {dg_key} (only to {', '.join(allowed)})")
+    dg_args = {"dropout": dropout, "add_eos": add_eos, "eos_weight": eos_weight}
+    if dg_key in REGRESSION_HEADS:
+        dg_args.update(normalize_targets=normalize_targets, normalize_outputs=normalize_outputs)
+    elif dg_key in GAUSSIAN_HEADS:
+        dg_args["normalize_targets"] = normalize_targets
+        if entropy_weight is not None:
+            dg_args["entropy_weight"] = entropy_weight
+        if nb_gaussians is not None:
+            dg_args["nb_gaussians"] = nb_gaussians
+    elif dg_key == "fisher-von-mises-mixture" and n_cluster is not None:
+        dg_args["n_cluster"] = n_cluster
+    return dg_args

@@ -13,54 +13,36 @@ Two ways to run the same network:
   ``ROW_BLOCK``, so a row's result never depends on which or how many other rows share the call.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from trackflow.errors import TrackflowError
-from trackflow.models.base import MainModel
-from trackflow.models.embeddings import (make_embedding, previous_directions,
-                                         previous_directions_at_last_point)
+from trackflow.geometry.directions import previous_directions, previous_directions_at_last_point
+from trackflow.models.base import MainModel, ModelConfig
+from trackflow.models.embeddings import make_embedding
+from trackflow.models.rows import aligned_rows, pad_rows_index, padded_row_count
 
 RNN_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU}
+RNN_KEYS = tuple(RNN_CLASSES)
 PREV_DIRS_EMBEDDING_KEYS = ("no_embedding", "nn_embedding")
-# Measured with MKL's sgemm and torch's CPU kernels (AVX-512, 1-8 threads), a row's result changes with:
-# - the row count of a product: 1-3 rows, and with several threads a count that is not a multiple of 4;
-# - where the row sits in memory: a row not starting on a 64-byte boundary is summed in another order.
-# Tracking therefore computes on row blocks padded to a multiple of ROW_BLOCK, and feeds every matrix
-# product rows aligned to ALIGN_FLOATS: a row's result never depends on the other rows or the slot count.
-ROW_BLOCK = 4
-ALIGN_FLOATS = 16
 
 
-def padded_row_count(n_rows: int) -> int:
-    """``n_rows`` rounded up to a multiple of ``ROW_BLOCK``."""
-    return -(-n_rows // ROW_BLOCK) * ROW_BLOCK
+@dataclass
+class L2TConfig(ModelConfig):
+    """``parameters.json`` of a Learn2TrackModel (checkpoints §1.2, §1.3); see ``Learn2TrackModel``."""
 
-
-def pad_rows_index(n_rows: int, device) -> torch.Tensor:
-    """Indices [0, n_rows) followed by zeros up to ``padded_row_count(n_rows)``: index_select with it
-    repeats row 0 as padding (any content would do; rows never mix)."""
-    index = torch.zeros(padded_row_count(n_rows), dtype=torch.long, device=device)
-    index[:n_rows] = torch.arange(n_rows, device=device)
-    return index
-
-
-def aligned_rows(x: torch.Tensor) -> torch.Tensor:
-    """Same values as x [B, K], as a view whose rows start on 64-byte boundaries (see ALIGN_FLOATS).
-
-    Rows that are already aligned are returned as they are; otherwise they are copied into a buffer whose
-    row stride is K rounded up to ALIGN_FLOATS (torch's CPU allocator aligns the buffer itself). Only
-    CPU tensors are changed: the alignment rule is MKL's.
-    """
-    row_bytes = x.stride(0) * x.element_size()
-    if x.device.type != "cpu" or (x.stride(1) == 1 and row_bytes % 64 == 0 and x.data_ptr() % 64 == 0):
-        return x
-    width = -(-x.shape[1] // ALIGN_FLOATS) * ALIGN_FLOATS
-    out = x.new_empty(x.shape[0], width)[:, :x.shape[1]]
-    return out.copy_(x)
+    nb_previous_dirs: int = 0
+    prev_dirs_embedding_key: str | None = None
+    prev_dirs_embedded_size: int | None = None
+    normalize_prev_dirs: bool = True
+    rnn_key: str = "lstm"
+    rnn_layer_sizes: list = field(default_factory=lambda: [100, 100])
+    use_skip_connection: bool = False
+    use_layer_normalization: bool = False
+    dropout: float = 0.0
 
 
 class StackedRNN(nn.Module):
@@ -120,22 +102,32 @@ class StackedRNN(nn.Module):
         rnn_input = sequences.data if is_packed else sequences
         layer_outputs, new_hidden = [], []
         layer_sequences = sequences
-        last = len(self.layer_sizes) - 1
         for i in range(len(self.layer_sizes)):
             out, layer_hidden = getattr(self, f"rnn_{i}")(layer_sequences, None if hidden is None else hidden[i])
             new_hidden.append(layer_hidden)
-            out = out.data if is_packed else out
-            # Post-processing touches the output sequence only; the carried state stays raw.
-            if self.use_layer_normalization:
-                out = getattr(self, f"layer_norm_{i}")(out)
-            if i < last:
-                out = torch.relu(self.dropout(out))
-                next_input = torch.cat([out, rnn_input], dim=-1) if self.use_skip_connection else out
+            out, next_input = self._post_process(i, out.data if is_packed else out, rnn_input)
+            if next_input is not None:
                 layer_sequences = sequences._replace(data=next_input) if is_packed else next_input
             layer_outputs.append(out)
+        return self._stack_outputs(layer_outputs, rnn_input), new_hidden
+
+    def _post_process(self, i: int, out: torch.Tensor, rnn_input: torch.Tensor) -> tuple:
+        """Layer i's output rows [N, L_i] -> (output kept for the stack, input of layer i+1 or None if last).
+
+        Post-processing touches the output sequence only; the carried state stays raw.
+        """
+        if self.use_layer_normalization:
+            out = getattr(self, f"layer_norm_{i}")(out)
+        if i == len(self.layer_sizes) - 1:
+            return out, None
+        out = torch.relu(self.dropout(out))
+        return out, torch.cat([out, rnn_input], dim=-1) if self.use_skip_connection else out
+
+    def _stack_outputs(self, layer_outputs: list, rnn_input: torch.Tensor) -> torch.Tensor:
+        """The stack's output rows [N, R]: every layer and the input with skip connections, else the last."""
         if self.use_skip_connection:
-            return torch.cat(layer_outputs + [rnn_input], dim=-1), new_hidden
-        return layer_outputs[-1], new_hidden
+            return torch.cat(layer_outputs + [rnn_input], dim=-1)
+        return layer_outputs[-1]
 
     def _cell(self, i: int, x: torch.Tensor, hidden: tuple) -> tuple:
         """One time step of layer i with torch's GRU/LSTM cell functions.
@@ -183,20 +175,12 @@ class StackedRNN(nn.Module):
         """
         layer_outputs, new_hidden = [], []
         layer_input = x
-        last = len(self.layer_sizes) - 1
         for i, layer_hidden in enumerate(hidden):
             layer_state = self._cell(i, layer_input, layer_hidden)
             new_hidden.append(layer_state)
-            out = layer_state[0]
-            if self.use_layer_normalization:
-                out = getattr(self, f"layer_norm_{i}")(out)
-            if i < last:
-                out = torch.relu(self.dropout(out))
-                layer_input = torch.cat([out, x], dim=-1) if self.use_skip_connection else out
+            out, layer_input = self._post_process(i, layer_state[0], x)
             layer_outputs.append(out)
-        if self.use_skip_connection:
-            return torch.cat(layer_outputs + [x], dim=-1), new_hidden
-        return layer_outputs[-1], new_hidden
+        return self._stack_outputs(layer_outputs, x), new_hidden
 
 
 @dataclass
@@ -236,6 +220,8 @@ class Learn2TrackModel(MainModel):
     **common_params
         The ``MainModel`` keys (``nb_features``, ``dg_key``, ...).
     """
+
+    config_class = L2TConfig
 
     def __init__(self, *, nb_previous_dirs=0, prev_dirs_embedding_key=None, prev_dirs_embedded_size=None,
                  normalize_prev_dirs=True, rnn_key="lstm", rnn_layer_sizes=(100, 100),

@@ -27,12 +27,46 @@ from torch.nn.utils.rnn import pad_sequence
 
 from trackflow.errors import TrackflowError
 from trackflow.models.attention import ACTIVATIONS, CacheWrite, Encoder, EncoderDecoder, attention_mask
-from trackflow.models.base import MainModel
+from trackflow.models.base import MainModel, ModelConfig
 from trackflow.models.embeddings import make_embedding
 
 SOS_SPHERES = ("symmetric362", "symmetric642", "symmetric724", "repulsion724", "repulsion100",
                "repulsion200")
 SOS_TOKEN_TYPES = ("as_label",) + SOS_SPHERES  # ``--SOS_token_type``: a label, or a sphere's directions
+POSITIONAL_ENCODING_KEYS = ("sinusoidal",)
+TARGET_EMBEDDING_KEYS = ("no_embedding", "nn_embedding")
+
+
+@dataclass
+class TransformerConfig(ModelConfig):
+    """``parameters.json`` of a TTS (checkpoints §1.4), and the keys TTO and TTST share with it."""
+
+    max_len: int = 1000
+    n_layers_e: int = 6
+    positional_encoding_key: str = "sinusoidal"
+    dropout_rate: float = 0.1
+    activation: str = "relu"
+    nheads: int = 8
+    ffnn_hidden_size: int | None = None
+    norm_first: bool = False
+
+
+@dataclass
+class TTSTConfig(TransformerConfig):
+    """``parameters.json`` of a TTST."""
+
+    sos_token_type: str = "as_label"
+    target_embedding_key: str = "nn_embedding"
+    target_embedded_size: int | None = None
+
+
+@dataclass
+class TTOConfig(TransformerConfig):
+    """``parameters.json`` of a TTO."""
+
+    sos_token_type: str = "as_label"
+    target_embedding_key: str = "nn_embedding"
+    n_layers_d: int | None = None
 
 
 class SinusoidalPositionEncoding(nn.Module):
@@ -71,14 +105,12 @@ class TransformerTrackingState:
         so no step has to read the rows' lengths on the host (a GPU stall). By the slot invariant each
         step adds at most one point per slot; the bound is re-read exactly every ``EXACT_BOUND_EVERY`` steps
         (it then shrinks back when long streamlines have been replaced by new seeds).
-    attend_to_all: attend over all max_points cache positions instead (tests compare both).
     """
 
     volume: torch.Tensor  # [X, Y, Z, F]
     max_points: int
     caches: list
     consumed: torch.Tensor
-    attend_to_all: bool = False
     longest: int = 0
     steps_since_exact: int = 0
 
@@ -88,8 +120,6 @@ class TransformerTrackingState:
 
     def keys_to_attend(self) -> int:
         """Cache positions the next step attends over: >= every row's length, <= max_points."""
-        if self.attend_to_all:
-            return self.max_points
         if self.steps_since_exact >= EXACT_BOUND_EVERY:
             self.longest = int(self.consumed.max())
             self.steps_since_exact = 0
@@ -124,10 +154,12 @@ class _TractoTransformer(MainModel):
         if main_params.get("input_embedding_key") == "cnn_embedding":
             raise TrackflowError("cnn_embedding cannot be used with transformers (no un-flattening).")
         super().__init__(**main_params)
-        if positional_encoding_key != "sinusoidal":
+        if positional_encoding_key not in POSITIONAL_ENCODING_KEYS:
             raise TrackflowError(f"positional_encoding_key must be 'sinusoidal', got {positional_encoding_key!r}.")
         if activation not in ACTIVATIONS:
             raise TrackflowError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
+        if not 0.0 <= dropout_rate <= 1.0:
+            raise TrackflowError(f"--dropout_rate must be in [0, 1], got {dropout_rate}")
         if not isinstance(norm_first, bool):
             raise TrackflowError(f"norm_first must be a boolean (true/false), got {norm_first!r}.")
         for name, value in (("max_len", max_len), ("n_layers_e", n_layers_e), ("nheads", nheads)):
@@ -329,6 +361,8 @@ class _TractoTransformer(MainModel):
 class TransformerSrcOnlyModel(_TractoTransformer):
     """TTS: causal encoder over the embedded input features (+ positional encoding)."""
 
+    config_class = TransformerConfig
+
     def __init__(self, **params):
         super().__init__(**params)
         layer_args = self._build_layers(self.input_embedding_layer.out_size)
@@ -350,6 +384,7 @@ class TransformerSrcAndTgtModel(_TractoTransformer):
     ``target_embedded_size`` (required with nn_embedding; with no_embedding it is the token width).
     """
 
+    config_class = TTSTConfig
     uses_target_tokens = True
 
     def __init__(self, *, sos_token_type="as_label", target_embedding_key="nn_embedding",
@@ -393,6 +428,7 @@ class OriginalTransformerModel(_TractoTransformer):
     refused: it is always D.
     """
 
+    config_class = TTOConfig
     uses_target_tokens = True
 
     def __init__(self, *, sos_token_type="as_label", target_embedding_key="nn_embedding", n_layers_d=None,

@@ -24,7 +24,7 @@ from trackflow.files import check_outputs
 from trackflow.models.persistence import load_experiment_model
 from trackflow.models.registry import check_model_family
 from trackflow.data.tractograms import check_tractogram_path, save_tractogram_file
-from trackflow.tracking.decoders import ALGOS
+from trackflow.tracking.decoders import make_direction_decoder
 from trackflow.tracking.filtering import FilteredTractogram, filter_streamlines
 from trackflow.tracking.seeds import SeedGenerator, check_seed_counts, count_seeds
 from trackflow.tracking.stopping import MaskStoppingCriterion, VolumeStoppingCriterion
@@ -35,11 +35,11 @@ LOGGER = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrackingOptions:
-    """The tracking scripts' options (spec §6.1), checked once here; lengths in mm, angles in degrees.
+    """The tracking scripts' options (spec §6.1); lengths in mm, angles in degrees.
 
     hdf5_file: cohort [the experiment's 'hdf5 file']; subset: where the subject is expected (a warning
-    only); use_latest_epoch: checkpoint/model/ instead of best_model/; algo: one of ``ALGOS``; step_size
-    [the model's]; theta: largest turn between steps; min_length, max_length: kept lengths (both halves);
+    only); use_latest_epoch: checkpoint/model/ instead of best_model/; algo: one of ``decoders.ALGOS``;
+    step_size [the model's]; theta: largest turn between steps; min_length, max_length: kept lengths (both halves);
     tracking_mask_group: volume group where tracking may go (value >= 0.5), else only the volume bounds;
     mask_interp: its interpolation; eos_stop: EOS probability threshold [0.5 with EOS]; discard_last_point:
     drop the first point outside the mask; track_forward_only: skip the backward half; npv / nt: seeds per
@@ -71,12 +71,10 @@ class TrackingOptions:
     overwrite: bool = False
 
     def __post_init__(self):
-        # The subset and mask interpolation names are checked where they are used (HDF5Cohort.subjects,
-        # MaskStoppingCriterion), the seed counts by the seeds module, shared with the scilpy baseline.
-        if self.algo not in ALGOS:
-            raise TrackflowError(f"unknown tracking algorithm {self.algo!r} ({' or '.join(ALGOS)})")
-        if self.step_size is not None and not self.step_size > 0:
-            raise TrackflowError(f"--step_size must be positive, got {self.step_size}")
+        # One place per rule: the other options are checked where they are used, before tracking starts
+        # (algo: decoders.make_direction_decoder; step size, slot count: TrackingParameters; subset:
+        # HDF5Cohort.subjects; mask interpolation: MaskStoppingCriterion); the seed counts by the seeds
+        # module, shared with the scilpy baseline.
         if not 0 < self.theta <= 180:
             raise TrackflowError(f"--theta must be in (0, 180] degrees, got {self.theta}")
         if not self.max_length > 0:
@@ -88,8 +86,6 @@ class TrackingOptions:
         check_seed_counts(self.npv, self.nt)
         if self.compress_th is not None and not self.compress_th > 0:
             raise TrackflowError(f"--compress must be positive, got {self.compress_th}")
-        if self.simultaneous_tracking < 1:
-            raise TrackflowError("--simultaneous_tracking must be at least 1")
 
 
 @dataclass
@@ -191,11 +187,12 @@ def build_tracker(model, inputs: SubjectInputs, options: TrackingOptions, step_m
                                 max_points=max_points_for(options.max_length, step_mm),
                                 theta_deg=options.theta,
                                 eos_threshold=0.5 if options.eos_stop is None else options.eos_stop,
-                                algo=options.algo, rng_seed=rng_seed,
                                 track_forward_only=options.track_forward_only,
                                 discard_last_point=options.discard_last_point,
                                 n_slots=options.simultaneous_tracking)
-    return Tracker(model, volume_tensor, criterion, SeedGenerator(inputs.seeding_mask, rng_seed, device), params)
+    decoder = make_direction_decoder(options.algo, model.direction_getter, rng_seed)
+    return Tracker(model, volume_tensor, criterion, SeedGenerator(inputs.seeding_mask, rng_seed, device), decoder,
+                   params)
 
 
 def write_tractogram(result: TrackingResult, out_tractogram, inputs: SubjectInputs,

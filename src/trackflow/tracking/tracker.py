@@ -1,23 +1,26 @@
 """The batched tracker: one engine for every model, all state on the device, slots refilled as lines end.
 
 The tracker only knows the model's tracking interface (``docs/design.md``): ``new_tracking_state``,
-``tracking_step``, ``reset_tracking_rows`` and the head ``direction_getter``. Where a point may go is the
-stopping criterion's business (``stopping.py``); seeds come from a ``SeedGenerator``.
+``tracking_step``, ``reset_tracking_rows`` and the head ``direction_getter``. How the head's output becomes a
+direction (deterministic or sampled) is the decoder's business (``decoders.py``), where a point may go the
+stopping criterion's (``stopping.py``); seeds come from a ``SeedGenerator``.
 
-Layout: ``n_slots`` slots, each holding one streamline in ``positions[slot, :lengths[slot]]``. A slot is
-*live* while it holds a streamline not yet copied out and *active* while that streamline is growing. Steps
-run on a fixed set of rows taken at the last check, with no host synchronisation; rows that stopped since
-are redirected to one extra scratch slot (index ``n_slots``) so that the model never sees a stopped row
-again. Every ``check_every`` steps one small host check (a) turns finished forward halves around (reversed
-in place, seed last, the model state rebuilt with ``reset_tracking_rows``), (b) copies finished streamlines
-out in bulk and (c) refills the free slots with the next seeds.
+Layout: ``n_slots`` slots (``SlotState``), each holding one streamline in ``positions[slot, :lengths[slot]]``.
+A slot is *live* while it holds a streamline not yet copied out and *active* while that streamline is
+growing. Steps run on a fixed set of rows taken at the last check, with no host synchronisation; rows that
+stopped since are redirected to one extra scratch slot (index ``n_slots``) so that the model never sees a
+stopped row again. A step proposes one point per row (``_propose_steps``), then appends it or stops the row
+(``_accept_steps``). Every ``check_every`` steps one small host check (``_turn_finish_and_refill``) (a) turns
+finished forward halves around (reversed in place, seed last, the model state rebuilt with
+``reset_tracking_rows``), (b) copies finished streamlines out in bulk and (c) refills the free slots with
+the next seeds.
 
 Rules (spec §6.4, with dwi_ml's defects fixed): a new point is refused when the head gives no finite
 direction, when EOS is above the threshold, or when the turn exceeds theta; otherwise it is appended, even
 outside the mask (the first point outside is kept) unless ``discard_last_point``; the total over both halves
 never exceeds ``max_points``. A seed whose first forward step failed still gets its backward half, whose
-first step is forced along the opposite of that refused first direction. Randomness comes from
-``counter_uniforms`` keyed by seed index and step count, so results do not depend on the slot count.
+first step is forced along the opposite of that refused first direction. The sampled decoder's randomness is
+keyed by seed index and step count, so results do not depend on the slot count.
 """
 
 import enum
@@ -27,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trackflow.data.streamlines import gather_ragged, offsets_from_lengths
 from trackflow.errors import TrackflowError
-from trackflow.tracking.random import DIRECTION_STREAM, counter_uniforms
 from trackflow.tracking.stopping import StreamlineStatus
 
 
@@ -52,29 +55,30 @@ class TrackingParameters:
 
     step_size_vox: step in voxels; max_points: most points of a whole streamline (both halves);
     theta_deg: largest angle between consecutive steps; eos_threshold: stop when the head's EOS probability
-    is above it (None: never); algo: ``"det"`` or ``"prob"``; rng_seed: seeds the sampling streams;
-    discard_last_point: keep only points inside the tracking criterion; n_slots: streamlines tracked at
-    once; check_every: steps between host checks.
+    is above it (None: never); discard_last_point: keep only points inside the tracking criterion; n_slots:
+    streamlines tracked at once; check_every: steps between host checks. How directions are decoded (det or
+    prob, and the seed of the sampling) is the decoder's business (``decoders.py``).
     """
 
     step_size_vox: float
     max_points: int
     theta_deg: float = 90.0
     eos_threshold: float | None = None
-    algo: str = "det"
-    rng_seed: int = 0
     track_forward_only: bool = False
     discard_last_point: bool = False
     n_slots: int = 1000
     check_every: int = 4
 
     def __post_init__(self):
-        # The user-facing rules (algo, step size, lengths, slot count) are tracking.run.TrackingOptions';
-        # these two size the engine's buffers and loop.
+        if not self.step_size_vox > 0:
+            raise TrackflowError(f"the step size must be positive, got {self.step_size_vox} voxels")
         if self.max_points < 1:
             raise TrackflowError("the maximum length allows no step; raise --max_length")
+        if self.n_slots < 1:
+            raise TrackflowError(f"--simultaneous_tracking must be at least 1, got {self.n_slots}")
         if self.check_every < 1:
-            raise TrackflowError(f"check_every must be at least 1, got {self.check_every}")
+            raise TrackflowError(f"check_every (steps between host checks) must be at least 1, "
+                                 f"got {self.check_every}")
 
 
 @dataclass
@@ -93,7 +97,7 @@ class TrackingResult:
 
     @property
     def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+        return offsets_from_lengths(self.lengths)
 
 
 def reverse_prefixes(points: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -113,6 +117,80 @@ def reverse_prefixes(points: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
     return points.gather(1, source[:, :, None].expand(-1, -1, 3))
 
 
+@dataclass
+class SlotState:
+    """What the tracker knows of each slot, on the device; row ``n_slots`` is the scratch slot.
+
+    positions: float32 [S, max_points, 3] (vox/corner), slot s's streamline in ``positions[s, :lengths[s]]``;
+    lengths: long [S]; live, active, backward: bool [S] (holds a streamline not yet copied out / is growing /
+    grows its backward half); seed_index: long [S]; step_counter: long [S] (steps taken from the seed, both
+    halves: the sampled decoder's counter); prev_dir: float32 [S, 3] (last appended unit step, or the start
+    direction of a backward half); has_prev: bool [S]; first_dir: float32 [S, 3] (the first forward direction,
+    appended or not); forced: bool [S] (the next step goes along ``prev_dir``); end_reasons: int8 [S, 2]
+    (``StopReason`` of the forward and the backward end).
+    """
+
+    positions: torch.Tensor
+    lengths: torch.Tensor
+    live: torch.Tensor
+    active: torch.Tensor
+    backward: torch.Tensor
+    seed_index: torch.Tensor
+    step_counter: torch.Tensor
+    prev_dir: torch.Tensor
+    has_prev: torch.Tensor
+    first_dir: torch.Tensor
+    forced: torch.Tensor
+    end_reasons: torch.Tensor
+
+    @classmethod
+    def allocate(cls, n_rows: int, max_points: int, device) -> "SlotState":
+        """``n_rows`` free slots (live and active all False) of ``max_points`` points each."""
+        def flags():
+            return torch.zeros(n_rows, dtype=torch.bool, device=device)
+        return cls(positions=torch.zeros(n_rows, max_points, 3, device=device),
+                   lengths=torch.ones(n_rows, dtype=torch.long, device=device),
+                   live=flags(), active=flags(), backward=flags(),
+                   seed_index=torch.zeros(n_rows, dtype=torch.long, device=device),
+                   step_counter=torch.zeros(n_rows, dtype=torch.long, device=device),
+                   prev_dir=torch.zeros(n_rows, 3, device=device), has_prev=flags(),
+                   first_dir=torch.zeros(n_rows, 3, device=device), forced=flags(),
+                   end_reasons=torch.zeros(n_rows, 2, dtype=torch.int8, device=device))
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Make ``rows`` live, active forward halves of one point at the origin, with no step taken yet
+        (the caller writes the seed point and index)."""
+        self.positions[rows] = 0.0
+        self.lengths[rows] = 1
+        self.step_counter[rows] = 0
+        self.prev_dir[rows] = 0.0
+        self.has_prev[rows] = False
+        self.first_dir[rows] = 0.0
+        self.forced[rows] = False
+        self.end_reasons[rows] = StopReason.NOT_TRACKED
+        self.backward[rows] = False
+        self.live[rows] = True
+        self.active[rows] = True
+
+
+@dataclass
+class StepProposal:
+    """The next step proposed for each of B rows, before the stopping criterion sees it.
+
+    row_active: bool [B] (False: the row stopped since the last check and the model ran on the scratch
+    slot); last: float32 [B, 3] current last point; unit: float32 [B, 3] unit step direction (0 where none);
+    no_direction, eos, too_sharp: bool [B], the three refusals; valid: bool [B], none of them.
+    """
+
+    row_active: torch.Tensor
+    last: torch.Tensor
+    unit: torch.Tensor
+    no_direction: torch.Tensor
+    eos: torch.Tensor
+    too_sharp: torch.Tensor
+    valid: torch.Tensor
+
+
 class Tracker:
     """Batched tracking of ``n_seeds`` seeds with a model that implements the tracking interface.
 
@@ -124,18 +202,18 @@ class Tracker:
         Model input volume, on the tracking device.
     stopping_criterion : object with ``check_points(points[B, 3]) -> int8[B]`` (``StreamlineStatus``)
     seed_generator : object with ``positions(seed_indices[B]) -> [B, 3]``
+    decoder : object with ``directions(raw[B, K], seed_indices[B], step_counts[B]) -> [B, 3]``
+        From ``decoders.make_direction_decoder``.
     params : TrackingParameters
     """
 
-    def __init__(self, model, volume, stopping_criterion, seed_generator, params: TrackingParameters):
+    def __init__(self, model, volume, stopping_criterion, seed_generator, decoder, params: TrackingParameters):
         self.model = model
         self.head = model.direction_getter
-        if params.algo == "prob" and not getattr(self.head, "supports_sampling", False):
-            raise TrackflowError(f"--algo prob needs a head that can sample; "
-                                 f"{type(self.head).__name__} has no sampling (use --algo det)")
         self.volume = volume
         self.criterion = stopping_criterion
         self.seeds = seed_generator
+        self.decoder = decoder
         self.params = params
         self.device = volume.device
         # theta >= 180 means no angle stop (dwi_ml's generation-validation passes 360)
@@ -145,51 +223,36 @@ class Tracker:
     @torch.no_grad()
     def track(self, n_seeds: int, progress=None) -> TrackingResult:
         """Track seeds ``0 .. n_seeds-1``; ``progress`` (e.g. tqdm) gets ``update(n)`` per finished batch."""
-        p, dev = self.params, self.device
+        p = self.params
         n_slots = min(p.n_slots, max(n_seeds, 1))
-        scratch = n_slots
         # One extra row: the scratch slot that absorbs the steps of rows stopped since the last check.
-        self.state = self.model.new_tracking_state(self.volume, n_slots + 1, p.max_points)
-        self.positions = torch.zeros(n_slots + 1, p.max_points, 3, device=dev)
-        self.lengths = torch.ones(n_slots + 1, dtype=torch.long, device=dev)
-        self.live = torch.zeros(n_slots + 1, dtype=torch.bool, device=dev)
-        self.active = torch.zeros(n_slots + 1, dtype=torch.bool, device=dev)
-        self.backward = torch.zeros(n_slots + 1, dtype=torch.bool, device=dev)
-        self.seed_index = torch.zeros(n_slots + 1, dtype=torch.long, device=dev)
-        self.step_counter = torch.zeros(n_slots + 1, dtype=torch.long, device=dev)
-        self.prev_dir = torch.zeros(n_slots + 1, 3, device=dev)
-        self.has_prev = torch.zeros(n_slots + 1, dtype=torch.bool, device=dev)
-        self.first_dir = torch.zeros(n_slots + 1, 3, device=dev)
-        self.forced = torch.zeros(n_slots + 1, dtype=torch.bool, device=dev)
-        self.end_reasons = torch.zeros(n_slots + 1, 2, dtype=torch.int8, device=dev)
-        self.scratch = scratch
+        self.model_state = self.model.new_tracking_state(self.volume, n_slots + 1, p.max_points)
+        self.slots = SlotState.allocate(n_slots + 1, p.max_points, self.device)
+        self.scratch = n_slots
         self._out = []
         next_seed = 0
         while True:
-            next_seed = self._check(next_seed, n_seeds, n_slots, progress)
-            if next_seed >= n_seeds and not bool(self.live.any()):
+            next_seed = self._turn_finish_and_refill(next_seed, n_seeds, n_slots, progress)
+            if next_seed >= n_seeds and not bool(self.slots.live.any()):
                 break
-            rows = self.active.nonzero().squeeze(1)  # fixed until the next check
+            rows = self.slots.active.nonzero().squeeze(1)  # fixed until the next check
             if len(rows):
                 for _ in range(p.check_every):
-                    self._step(rows)
+                    self._accept_steps(rows, self._propose_steps(rows))
         return self._collect()
 
     # ---------------------------------------------------------------- one step, no host sync
-    def _step(self, rows: torch.Tensor) -> None:
-        p = self.params
-        row_active = self.active[rows]
+    def _propose_steps(self, rows: torch.Tensor) -> StepProposal:
+        """Run the model on ``rows`` (stopped ones on the scratch slot), decode one unit direction per row and
+        test it: no finite direction, EOS above the threshold, turn sharper than theta."""
+        p, s = self.params, self.slots
+        row_active = s.active[rows]
         model_rows = torch.where(row_active, rows, self.scratch)
-        points = self.positions[model_rows]  # [B, T, 3]
-        model_lengths = self.lengths[model_rows]  # [B]
-        raw = self.model.tracking_step(self.state, model_rows, points, model_lengths)
+        points = s.positions[model_rows]  # [B, T, 3]
+        model_lengths = s.lengths[model_rows]  # [B]
+        raw = self.model.tracking_step(self.model_state, model_rows, points, model_lengths)
 
-        if p.algo == "prob":
-            u = counter_uniforms(p.rng_seed, DIRECTION_STREAM, self.seed_index[rows], self.step_counter[rows],
-                                 self.head.n_uniforms)
-            direction = self.head.sample_from_uniforms(raw, u.to(raw.dtype))
-        else:
-            direction = self.head.deterministic(raw)
+        direction = self.decoder.directions(raw, s.seed_index[rows], s.step_counter[rows])
         direction = direction.to(torch.float32)
         norm = direction.norm(dim=1)
         no_direction = ~(norm > 1e-12) | ~torch.isfinite(norm)  # NaN norms fail both tests
@@ -197,8 +260,8 @@ class Tracker:
         unit = torch.nan_to_num(unit)
         # A backward half whose forward half is only the seed takes its first step along -first_dir:
         # the model, given the same lone seed, would only repeat the step that failed.
-        forced = self.forced[rows] & row_active
-        unit = torch.where(forced[:, None], self.prev_dir[rows], unit)
+        forced = s.forced[rows] & row_active
+        unit = torch.where(forced[:, None], s.prev_dir[rows], unit)
         no_direction &= ~forced
 
         eos = torch.zeros_like(no_direction)
@@ -206,49 +269,53 @@ class Tracker:
             eos_probability = self.head.eos_probability(raw)
             if eos_probability is not None:
                 eos = (eos_probability > p.eos_threshold) & ~forced
-        cosine = (unit * self.prev_dir[rows]).sum(dim=1)
-        too_sharp = self.has_prev[rows] & (cosine < self.cos_theta) & ~no_direction
+        cosine = (unit * s.prev_dir[rows]).sum(dim=1)
+        too_sharp = s.has_prev[rows] & (cosine < self.cos_theta) & ~no_direction
         valid = ~no_direction & ~eos & ~too_sharp
-
-        lengths = self.lengths[rows]
         last = points[torch.arange(len(rows), device=rows.device), model_lengths - 1]
-        new_points = last + p.step_size_vox * unit
+        return StepProposal(row_active, last, unit, no_direction, eos, too_sharp, valid)
+
+    def _accept_steps(self, rows: torch.Tensor, proposal: StepProposal) -> None:
+        """Append the valid proposed points the stopping criterion allows, stop the rows that cannot go on
+        (recording why) and update the direction bookkeeping of ``rows``."""
+        p, s = self.params, self.slots
+        row_active = proposal.row_active
+        lengths = s.lengths[rows]
+        new_points = proposal.last + p.step_size_vox * proposal.unit
         status = self.criterion.check_points(new_points)
         in_tracking = status == StreamlineStatus.TRACKPOINT
-        append = row_active & valid & (in_tracking | (not p.discard_last_point))
+        append = row_active & proposal.valid & (in_tracking | (not p.discard_last_point))
         new_lengths = lengths + append.long()
         keep_going = append & in_tracking & (new_lengths < p.max_points)
 
         # Write the new points by index; rows that do not append write their current value back.
         write_at = lengths.clamp(max=p.max_points - 1)
-        current = self.positions[rows, write_at]
-        self.positions[rows, write_at] = torch.where(append[:, None], new_points, current)
-        self.lengths[rows] = new_lengths
+        current = s.positions[rows, write_at]
+        s.positions[rows, write_at] = torch.where(append[:, None], new_points, current)
+        s.lengths[rows] = new_lengths
 
-        first_step = row_active & ~self.backward[rows] & (self.step_counter[rows] == 0)
-        self.first_dir[rows] = torch.where(first_step[:, None], unit, self.first_dir[rows])
-        self.prev_dir[rows] = torch.where(append[:, None], unit, self.prev_dir[rows])
-        self.has_prev[rows] |= append
-        self.step_counter[rows] += row_active.long()
-        self.forced[rows] = False
+        first_step = row_active & ~s.backward[rows] & (s.step_counter[rows] == 0)
+        s.first_dir[rows] = torch.where(first_step[:, None], proposal.unit, s.first_dir[rows])
+        s.prev_dir[rows] = torch.where(append[:, None], proposal.unit, s.prev_dir[rows])
+        s.has_prev[rows] |= append
+        s.step_counter[rows] += row_active.long()
+        s.forced[rows] = False
 
         stopping = row_active & ~keep_going
-        reason = torch.full_like(status, StopReason.MAX_LENGTH)
-        reason = torch.where(status == StreamlineStatus.ENDPOINT, StopReason.MASK, reason)
-        reason = torch.where(status == StreamlineStatus.OUTSIDEIMAGE, StopReason.VOLUME, reason)
-        reason = torch.where(too_sharp, StopReason.ANGLE, reason)
-        reason = torch.where(eos, StopReason.EOS, reason)
-        reason = torch.where(no_direction, StopReason.NO_DIRECTION, reason)
-        end = self.backward[rows].long()
-        flat = self.end_reasons.view(-1)
+        reason = _stop_reasons(status, proposal)
+        end = s.backward[rows].long()
+        flat = s.end_reasons.view(-1)
         flat[rows * 2 + end] = torch.where(stopping, reason.to(torch.int8), flat[rows * 2 + end])
-        self.active[rows] = row_active & keep_going
+        s.active[rows] = row_active & keep_going
 
     # ---------------------------------------------------------------- the periodic host check
-    def _check(self, next_seed: int, n_seeds: int, n_slots: int, progress) -> int:
-        p = self.params
-        ended = self.live & ~self.active
-        can_go_back = ~self.backward & (self.lengths < p.max_points)
+    def _turn_finish_and_refill(self, next_seed: int, n_seeds: int, n_slots: int, progress) -> int:
+        """The host check between step blocks: turn the forward halves that ended around (when a backward
+        half may follow), copy finished streamlines out and free their slots, then start seeds
+        ``next_seed, ...`` in the free slots. Returns the next seed index still to start."""
+        p, s = self.params, self.slots
+        ended = s.live & ~s.active
+        can_go_back = ~s.backward & (s.lengths < p.max_points)
         if p.track_forward_only:
             can_go_back = torch.zeros_like(can_go_back)
         turn = ended & can_go_back
@@ -257,64 +324,55 @@ class Tracker:
 
         if len(done_rows):
             self._copy_out(done_rows)
-            self.live[done_rows] = False
+            s.live[done_rows] = False
             if progress is not None:
                 progress.update(len(done_rows))
         if len(turn_rows):
             self._turn_back(turn_rows)
 
-        free = (~self.live[:n_slots]).nonzero().squeeze(1)
+        free = (~s.live[:n_slots]).nonzero().squeeze(1)
         n_new = min(len(free), n_seeds - next_seed)
         if n_new > 0:
             self._start_seeds(free[:n_new], torch.arange(next_seed, next_seed + n_new, device=self.device))
         return next_seed + max(n_new, 0)
 
     def _copy_out(self, rows: torch.Tensor) -> None:
-        lengths = self.lengths[rows]
+        s = self.slots
+        lengths = s.lengths[rows]
         longest = int(lengths.max())
-        padded = self.positions[rows, :longest].cpu().numpy()
+        padded = s.positions[rows, :longest].cpu().numpy()
         lengths = lengths.cpu().numpy()
         points = padded[np.arange(longest)[None, :] < lengths[:, None]]  # [sum lengths, 3], row order
-        self._out.append((self.seed_index[rows].cpu().numpy(), lengths, points,
-                          self.end_reasons[rows].cpu().numpy()))
+        self._out.append((s.seed_index[rows].cpu().numpy(), lengths, points, s.end_reasons[rows].cpu().numpy()))
 
     def _turn_back(self, rows: torch.Tensor) -> None:
         """Reverse each forward half in place (seed last) and rebuild the model state from it."""
-        lengths = self.lengths[rows]
-        self.positions[rows] = reverse_prefixes(self.positions[rows], lengths)
-        self.model.reset_tracking_rows(self.state, rows, self.positions[rows], lengths)
+        s = self.slots
+        lengths = s.lengths[rows]
+        s.positions[rows] = reverse_prefixes(s.positions[rows], lengths)
+        self.model.reset_tracking_rows(self.model_state, rows, s.positions[rows], lengths)
         # Backward starts against the first forward step, even when that step was not kept.
-        self.prev_dir[rows] = -self.first_dir[rows]
-        self.has_prev[rows] = self.first_dir[rows].abs().sum(dim=1) > 0
-        self.forced[rows] = self.has_prev[rows] & (lengths == 1)
-        self.backward[rows] = True
-        self.active[rows] = True
+        s.prev_dir[rows] = -s.first_dir[rows]
+        s.has_prev[rows] = s.first_dir[rows].abs().sum(dim=1) > 0
+        s.forced[rows] = s.has_prev[rows] & (lengths == 1)
+        s.backward[rows] = True
+        s.active[rows] = True
 
     def _start_seeds(self, rows: torch.Tensor, seed_indices: torch.Tensor) -> None:
-        seeds = self.seeds.positions(seed_indices).to(self.positions.dtype)
-        self.positions[rows] = 0.0
-        self.positions[rows, 0] = seeds
-        self.lengths[rows] = 1
-        self.seed_index[rows] = seed_indices
-        self.step_counter[rows] = 0
-        self.prev_dir[rows] = 0.0
-        self.has_prev[rows] = False
-        self.first_dir[rows] = 0.0
-        self.forced[rows] = False
-        self.end_reasons[rows] = StopReason.NOT_TRACKED
-        self.backward[rows] = False
-        self.live[rows] = True
-        self.active[rows] = True
-        self.model.reset_tracking_rows(self.state, rows, self.positions[rows, :1],
+        s = self.slots
+        seeds = self.seeds.positions(seed_indices).to(s.positions.dtype)
+        s.reset(rows)
+        s.positions[rows, 0] = seeds
+        s.seed_index[rows] = seed_indices
+        self.model.reset_tracking_rows(self.model_state, rows, s.positions[rows, :1],
                                        torch.ones_like(seed_indices))
         if self.params.discard_last_point:
             # Every kept point must be inside: a seed outside stays a single, finished point.
             outside = self.criterion.check_points(seeds) != StreamlineStatus.TRACKPOINT
-            self.active[rows] = ~outside
-            self.backward[rows] |= outside
-            self.end_reasons[rows] = torch.where(outside[:, None], torch.tensor(
-                int(StopReason.SEED_OUTSIDE_MASK), dtype=torch.int8, device=self.device),
-                self.end_reasons[rows])
+            s.active[rows] = ~outside
+            s.backward[rows] |= outside
+            s.end_reasons[rows] = torch.where(outside[:, None], torch.tensor(
+                int(StopReason.SEED_OUTSIDE_MASK), dtype=torch.int8, device=self.device), s.end_reasons[rows])
 
     def _collect(self) -> TrackingResult:
         if not self._out:
@@ -323,12 +381,19 @@ class Tracker:
         seed_indices, lengths, points, reasons = (np.concatenate(parts) for parts in zip(*self._out))
         order = np.argsort(seed_indices, kind="stable")
         lengths = lengths.astype(np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        new_lengths = lengths[order]
-        new_offsets = np.concatenate([[0], np.cumsum(new_lengths)[:-1]])
-        # Each output point j of streamline i comes from old offset[order[i]] + (j - new_offset[i]).
-        gather = np.repeat(offsets[order] - new_offsets, new_lengths) + np.arange(new_lengths.sum())
+        gather = gather_ragged(offsets_from_lengths(lengths), lengths, order)
         seed_indices = seed_indices[order]
         seeds = self.seeds.positions(torch.as_tensor(seed_indices, device=self.device)).cpu().numpy()
-        return TrackingResult(points[gather].astype(np.float32), new_lengths, seed_indices,
+        return TrackingResult(points[gather].astype(np.float32), lengths[order], seed_indices,
                               seeds.astype(np.float32), reasons[order])
+
+
+def _stop_reasons(status: torch.Tensor, proposal: StepProposal) -> torch.Tensor:
+    """Why each row would stop at this step, int8 [B] (``StopReason``): the refusals of the proposal first
+    (no direction, then EOS, then angle), else the criterion's status, else the length limit."""
+    reason = torch.full_like(status, StopReason.MAX_LENGTH)
+    reason = torch.where(status == StreamlineStatus.ENDPOINT, StopReason.MASK, reason)
+    reason = torch.where(status == StreamlineStatus.OUTSIDEIMAGE, StopReason.VOLUME, reason)
+    reason = torch.where(proposal.too_sharp, StopReason.ANGLE, reason)
+    reason = torch.where(proposal.eos, StopReason.EOS, reason)
+    return torch.where(proposal.no_direction, StopReason.NO_DIRECTION, reason)

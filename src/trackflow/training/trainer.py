@@ -25,9 +25,9 @@ from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.device import select_device
 from trackflow.errors import TrackflowError
 from trackflow.experiment import LOG_FILES, ExperimentFolder
+from trackflow.models.base import ModelConfig
 from trackflow.models.persistence import load_model_dir
-from trackflow.models.registry import check_model_family
-from trackflow.models.registry import model_class
+from trackflow.models.registry import check_model_family, model_class
 from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData
 from trackflow.training.batch_sampler import BatchSampler, SamplerParams
 
@@ -42,7 +42,8 @@ CHECKPOINT_FORMAT = "trackflow-checkpoint-1"
 class TrainerParams:
     """Trainer options (spec §5.1), as stored in ``parameters_*.json`` and the checkpoint.
 
-    ``learning_rates[e]`` is the rate of epoch e (0-based); the last value holds for later epochs.
+    ``learning_rates[e]`` is the rate of epoch e (0-based); the last value holds for later epochs. The device
+    is not one of them: it is chosen at each start (``--use_gpu``), so a run may continue on another machine.
     """
 
     learning_rates: list = field(default_factory=lambda: [DEFAULT_LEARNING_RATE])
@@ -52,7 +53,6 @@ class TrainerParams:
     patience: int | None = None
     patience_delta: float = 1e-6
     clip_grad: float | None = None
-    use_gpu: bool = False
     rng: int = 1234
 
     def __post_init__(self):
@@ -149,7 +149,7 @@ class Trainer:
             LOGGER.warning("no validation subject: the best model is chosen on the training loss")
         self.loader = BatchLoader(
             loader_params,
-            {"step_size": model.step_size, "compress_lines": model.compress_lines, "nb_points": model.nb_points},
+            model.preprocessing,
             {"step_size": cohort.step_size, "compress_lines": cohort.compress, "nb_points": cohort.nb_points},
             seeds["loader"], self.device)
         self.training_data = SubsetData(cohort, cohort.subjects("training"), input_group, streamline_group,
@@ -336,10 +336,10 @@ def _check_groups(cohort, input_group: str, streamline_group: str) -> int:
 
 
 def train_new_experiment(experiments_path, experiment_name: str, hdf5_file, input_group: str,
-                         streamline_group: str, *, model_type: str, model_params: dict,
+                         streamline_group: str, *, model_type: str, model_config: ModelConfig,
                          training_sampler: SamplerParams, validation_sampler: SamplerParams,
                          loader: LoaderParams, trainer: TrainerParams, data: DataParams,
-                         overwrite: bool = False) -> ExperimentFolder:
+                         use_gpu: bool = False, overwrite: bool = False) -> ExperimentFolder:
     """Create ``experiments_path/experiment_name`` and train a new model in it.
 
     Every check (folder, hdf5, groups, model parameters) runs before the folder is created or replaced.
@@ -348,15 +348,18 @@ def train_new_experiment(experiments_path, experiment_name: str, hdf5_file, inpu
     ----------
     model_type : str
         Class name (``Learn2TrackModel``, ``OriginalTransformerModel``, ...).
-    model_params : dict
-        ``parameters.json`` keys without ``nb_features`` (read from the hdf5). When none of
-        ``step_size``, ``compress_lines``, ``nb_points`` is set, the hdf5's preprocessing is recorded.
+    model_config : ModelConfig
+        The config of ``model_type`` (its ``config_class``); ``nb_features`` is read from the hdf5. When none
+        of ``step_size``, ``compress_lines``, ``nb_points`` is set, the hdf5's preprocessing is recorded.
+        The model's constructor validates it.
+    use_gpu : bool
+        Train on the GPU (CPU with a warning when CUDA is missing).
     """
     folder = ExperimentFolder.check_new(experiments_path, experiment_name, overwrite)
-    device = select_device(trainer.use_gpu)
+    device = select_device(use_gpu)
     with HDF5Cohort(hdf5_file) as cohort:
         nb_features = _check_groups(cohort, input_group, streamline_group)
-        model_params = dict(model_params, nb_features=nb_features)
+        model_params = dict(asdict(model_config), nb_features=nb_features)
         if all(model_params.get(k) in (None, False) for k in ("step_size", "compress_lines", "nb_points")):
             model_params.update(step_size=cohort.step_size, compress_lines=cohort.compress or None,
                                 nb_points=cohort.nb_points)
@@ -371,7 +374,8 @@ def train_new_experiment(experiments_path, experiment_name: str, hdf5_file, inpu
 
 
 def resume_experiment(model_family: str, experiments_path, experiment_name: str, hdf5_file=None,
-                      new_patience: int | None = None, new_max_epochs: int | None = None) -> ExperimentFolder:
+                      new_patience: int | None = None, new_max_epochs: int | None = None,
+                      use_gpu: bool = False) -> ExperimentFolder:
     """Continue an experiment from its ``checkpoint/`` (same sample stream as an uninterrupted run).
 
     Parameters
@@ -382,13 +386,17 @@ def resume_experiment(model_family: str, experiments_path, experiment_name: str,
         Replaces the hdf5 recorded in the checkpoint.
     new_patience, new_max_epochs : int or None
         Replace the stored values; needed when the stored ones already stopped the training.
+    use_gpu : bool
+        Continue on the GPU (CPU with a warning when CUDA is missing), whatever device the run started on.
     """
     folder = ExperimentFolder.open_existing(experiments_path, experiment_name)
     state = folder.load_checkpoint_state()
     if state.get("format") != CHECKPOINT_FORMAT:
         raise TrackflowError(f"{folder.checkpoint_state_file} is not a trackflow checkpoint")
     check_model_family(state["model_type"], model_family, "resume_training_from_checkpoint")
-    trainer_params = TrainerParams(**state["params_for_init"])
+    # Checkpoints written before the device became a runtime choice store use_gpu: ignored.
+    stored = {k: v for k, v in state["params_for_init"].items() if k != "use_gpu"}
+    trainer_params = TrainerParams(**stored)
     states = state["current_states"]
     completed = int(states["completed_epochs"])
     if new_max_epochs is not None:
@@ -404,7 +412,7 @@ def resume_experiment(model_family: str, experiments_path, experiment_name: str,
                              f"{trainer_params.patience}); give a larger --new_patience")
 
     dataset = state["dataset_params"]
-    device = select_device(trainer_params.use_gpu)
+    device = select_device(use_gpu)
     model = load_model_dir(folder.checkpoint_model_dir, device)
     with HDF5Cohort(hdf5_file if hdf5_file is not None else dataset["hdf5_file"]) as cohort:
         _check_groups(cohort, dataset["input_group"], dataset["streamline_group"])

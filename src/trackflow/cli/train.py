@@ -1,20 +1,50 @@
-"""Command-line options shared by ``l2t_train_model`` and ``tt_train_model`` (spec dwi_ml.md §5.1, §2.3, §3, §4).
+"""The train and resume command lines (dwi_ml's ``l2t_/tt_train_model`` and
+``l2t_/tt_resume_training_from_checkpoint``; spec dwi_ml.md §5.1, §2.3, §3, §4).
 
-Option names and defaults are dwi_ml's. The ``*_from_args`` functions turn parsed options into the
-library's parameter objects and the model's ``parameters.json`` keys, refusing inconsistent combinations
-with one ``TrackflowError`` before anything is read or trained.
+Option names and defaults are dwi_ml's. The options are mapped onto the model's config (``L2TConfig``,
+``TransformerConfig``/``TTSTConfig``/``TTOConfig``) and the trainer's parameter objects; the models and
+those objects validate them, before anything is read or trained.
 """
 
 import argparse
 
+from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, run_cli, setup_logging
 from trackflow.errors import TrackflowError
-from trackflow.models.direction_getters import (CLASSIFICATION_HEADS, DIRECTION_GETTER_KEYS, GAUSSIAN_HEADS,
-                                                REGRESSION_HEADS)
+from trackflow.geometry.neighborhood import NEIGHBORHOOD_TYPES
+from trackflow.models.attention import ACTIVATIONS
+from trackflow.models.direction_getters import DIRECTION_GETTER_KEYS, dg_args_from_options
+from trackflow.models.embeddings import EMBEDDING_KEYS
+from trackflow.models.l2t import PREV_DIRS_EMBEDDING_KEYS, RNN_KEYS, L2TConfig
 from trackflow.models.registry import TT_MODEL_TYPES
-from trackflow.models.transformers import SOS_TOKEN_TYPES
+from trackflow.models.transformers import (POSITIONAL_ENCODING_KEYS, SOS_TOKEN_TYPES, TARGET_EMBEDDING_KEYS,
+                                           TransformerConfig, TTOConfig, TTSTConfig)
 from trackflow.training.batch_loader import LoaderParams
 from trackflow.training.batch_sampler import UNITS, SamplerParams
-from trackflow.training.trainer import DataParams, TrainerParams, parse_learning_rates, train_new_experiment
+from trackflow.training.trainer import (OPTIMIZERS, DataParams, TrainerParams, parse_learning_rates,
+                                        resume_experiment, train_new_experiment)
+
+L2T_TRAIN_DESCRIPTION = """Train a Learn2track model on an hdf5 cohort (dwi_ml's ``l2t_train_model``).
+
+Writes the experiment folder ``experiments_path/experiment_name`` (best model, checkpoint, per-epoch logs);
+continue it with ``l2t_resume_training_from_checkpoint``.
+"""
+TT_TRAIN_DESCRIPTION = """Train a TractoTransformer (TTO, TTS or TTST) on an hdf5 cohort (dwi_ml's ``tt_train_model``).
+
+Writes the experiment folder ``experiments_path/experiment_name`` (best model, checkpoint, per-epoch logs);
+continue it with ``tt_resume_training_from_checkpoint``.
+"""
+L2T_RESUME_DESCRIPTION = """Continue a Learn2track training from its checkpoint (dwi_ml's ``l2t_resume_training_from_checkpoint``).
+
+The resumed run draws the same batches and noise as an uninterrupted run would have. A run stopped by
+patience or ``max_epochs`` needs a larger ``--new_patience`` or ``--new_max_epochs``.
+"""
+TT_RESUME_DESCRIPTION = """Continue a TractoTransformer training from its checkpoint (dwi_ml's ``tt_resume_training_from_checkpoint``).
+
+The resumed run draws the same batches and noise as an uninterrupted run would have. A run stopped by
+patience or ``max_epochs`` needs a larger ``--new_patience`` or ``--new_max_epochs``.
+"""
+TT_CONFIGS = {"TTO": TTOConfig, "TTS": TransformerConfig, "TTST": TTSTConfig}
+
 
 # ---------------------------------------------------------------------------------------------- parser groups
 def add_experiment_positionals(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +106,7 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
                        help="Learning rate, or a schedule such as '0.001*3 0.0001' (0.001 for 3 epochs, "
                             "then 0.0001). [0.001]")
     group.add_argument("--weight_decay", type=float, default=0.01, help="Weight decay. [%(default)s]")
-    group.add_argument("--optimizer", choices=["Adam", "RAdam", "SGD"], default="Adam",
+    group.add_argument("--optimizer", choices=list(OPTIMIZERS), default="Adam",
                        help="[%(default)s]")
     group.add_argument("--max_epochs", type=int, default=100, help="[%(default)s]")
     group.add_argument("--patience", type=int,
@@ -102,12 +132,12 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
 
 def add_input_args(parser: argparse.ArgumentParser, default_embedding: str) -> None:
     group = parser.add_argument_group("Model inputs")
-    group.add_argument("--neighborhood_type", choices=["axes", "grid"],
+    group.add_argument("--neighborhood_type", choices=NEIGHBORHOOD_TYPES,
                        help="Also interpolate the input at neighbours of each point.")
     group.add_argument("--neighborhood_radius", type=int, help="Neighbourhood radius (integer).")
     group.add_argument("--neighborhood_resolution", type=float,
                        help="Distance between neighbours, in voxels.")
-    group.add_argument("--input_embedding_key", choices=["no_embedding", "nn_embedding", "cnn_embedding"],
+    group.add_argument("--input_embedding_key", choices=EMBEDDING_KEYS,
                        default=default_embedding, help="[%(default)s]")
     group.add_argument("--input_embedded_size", type=int, help="Output size of the nn input embedding.")
     group.add_argument("--nb_cnn_filters", type=int, nargs="+", help="CNN embedding: filters per layer.")
@@ -136,12 +166,12 @@ def add_l2t_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Learn2track")
     group.add_argument("--nb_previous_dirs", type=int, default=0,
                        help="Previous directions concatenated to the input. [%(default)s]")
-    group.add_argument("--prev_dirs_embedding_key", choices=["no_embedding", "nn_embedding"],
+    group.add_argument("--prev_dirs_embedding_key", choices=PREV_DIRS_EMBEDDING_KEYS,
                        default="no_embedding", help="[%(default)s]")
     group.add_argument("--prev_dirs_embedded_size", type=int, help="Output size of the nn prev-dir embedding.")
     group.add_argument("--normalize_prev_dirs", action="store_true",
                        help="Unit-normalize the previous directions.")
-    group.add_argument("--rnn_key", choices=["lstm", "gru"], default="lstm", help="[%(default)s]")
+    group.add_argument("--rnn_key", choices=RNN_KEYS, default="lstm", help="[%(default)s]")
     group.add_argument("--rnn_layer_sizes", type=int, nargs="+", default=[100, 100], help="[100 100]")
     group.add_argument("--dropout", type=float, default=0.0,
                        help="Dropout after the embeddings and between RNN layers. [%(default)s]")
@@ -156,11 +186,11 @@ def add_tt_model_args(parser: argparse.ArgumentParser) -> None:
                        help="TTO: encoder-decoder; TTS: encoder on inputs; TTST: encoder on inputs and "
                             "previous directions. [%(default)s]")
     add_input_args(parser, default_embedding="nn_embedding")
-    group.add_argument("--position_encoding", choices=["sinusoidal"], default="sinusoidal",
+    group.add_argument("--position_encoding", choices=POSITIONAL_ENCODING_KEYS, default="sinusoidal",
                        help="[%(default)s]")
     group.add_argument("--SOS_token_type", choices=SOS_TOKEN_TYPES, default="as_label",
                        help="TTO/TTST target tokens. [%(default)s]")
-    group.add_argument("--target_embedding_key", choices=["no_embedding", "nn_embedding"],
+    group.add_argument("--target_embedding_key", choices=TARGET_EMBEDDING_KEYS,
                        default="nn_embedding", help="TTO/TTST. [%(default)s]")
     group.add_argument("--target_embedded_size", type=int, help="TTST only: target embedding size.")
     group.add_argument("--max_len", type=int, default=1000, help="Longest sequence. [%(default)s]")
@@ -169,15 +199,13 @@ def add_tt_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--n_layers_d", type=int, help="TTO only: decoder layers. [= n_layers_e]")
     group.add_argument("--dropout_rate", type=float, default=0.1, help="[%(default)s]")
     group.add_argument("--ffnn_hidden_size", type=int, help="Feed-forward width. [d_model / 2]")
-    group.add_argument("--activation", choices=["relu", "gelu"], default="relu", help="[%(default)s]")
+    group.add_argument("--activation", choices=list(ACTIVATIONS), default="relu", help="[%(default)s]")
     group.add_argument("--norm_first", action="store_true", help="Layer norm before attention and FFNN.")
     add_direction_getter_args(parser)
 
 
 def build_train_parser(description: str, family: str) -> argparse.ArgumentParser:
     """The full parser of ``l2t_train_model`` (family 'l2t') or ``tt_train_model`` ('tt')."""
-    from trackflow.cli.common import add_overwrite_arg, add_verbose_arg
-
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_experiment_positionals(parser)
@@ -196,75 +224,25 @@ def build_train_parser(description: str, family: str) -> argparse.ArgumentParser
 
 
 def build_resume_parser(description: str) -> argparse.ArgumentParser:
-    from trackflow.cli.common import add_verbose_arg
-
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("experiments_path", help="Folder holding the experiment folder.")
     parser.add_argument("experiment_name", help="Experiment folder to continue.")
     parser.add_argument("--hdf5_file", help="Use this hdf5 instead of the one recorded in the checkpoint.")
     parser.add_argument("--new_patience", type=int, help="Replace the patience.")
     parser.add_argument("--new_max_epochs", type=int, help="Replace the maximum number of epochs.")
+    parser.add_argument("--use_gpu", action="store_true",
+                        help="Continue on the GPU (falls back to the CPU with a warning when CUDA is missing); "
+                             "a runtime choice, not read from the checkpoint.")
     add_verbose_arg(parser)
     return parser
 
 
-# ---------------------------------------------------------------------------------------------- conversions
-def _dg_args_from_args(args) -> dict:
-    """``dg_args`` as dwi_ml's CLIs write them (checkpoints §1.5), after refusing options the head ignores."""
-    key = args.dg_key
-
-    def refuse(option: str, allowed) -> None:
-        if getattr(args, option) is not None and key not in allowed:
-            raise TrackflowError(f"--{option} does not apply to --dg_key {key} (only to {', '.join(allowed)})")
-
-    refuse("normalize_outputs", REGRESSION_HEADS)
-    refuse("normalize_targets", REGRESSION_HEADS + GAUSSIAN_HEADS)
-    refuse("add_entropy_to_gauss", ("gaussian",))
-    refuse("dg_nb_gaussians", ("gaussian-mixture",))
-    refuse("dg_nb_clusters", ("fisher-von-mises-mixture",))
-    if key in CLASSIFICATION_HEADS and args.add_eos and args.eos_weight != 1.0:
-        raise TrackflowError(f"--eos_weight must be 1 with {key}: EOS is one more class of the softmax")
-    if not 0.0 <= args.dg_dropout <= 1.0:
-        raise TrackflowError(f"--dg_dropout must be in [0, 1], got {args.dg_dropout}")
-
-    dg_args = {"dropout": args.dg_dropout, "add_eos": args.add_eos, "eos_weight": args.eos_weight}
-    if key in REGRESSION_HEADS:
-        dg_args.update(normalize_targets=args.normalize_targets, normalize_outputs=args.normalize_outputs)
-    elif key in GAUSSIAN_HEADS:
-        dg_args["normalize_targets"] = args.normalize_targets
-        if args.add_entropy_to_gauss is not None:
-            dg_args["entropy_weight"] = args.add_entropy_to_gauss
-        if args.dg_nb_gaussians is not None:
-            dg_args["nb_gaussians"] = args.dg_nb_gaussians
-    elif key == "fisher-von-mises-mixture" and args.dg_nb_clusters is not None:
-        dg_args["n_cluster"] = args.dg_nb_clusters
-    return dg_args
-
-
-def _common_model_params(args) -> dict:
-    """Keys of checkpoints §1.2 (``nb_features`` is added from the hdf5 by the trainer)."""
-    if args.neighborhood_type is not None and (args.neighborhood_radius is None
-                                               or args.neighborhood_resolution is None):
-        raise TrackflowError("--neighborhood_type needs --neighborhood_radius and --neighborhood_resolution")
-    if args.neighborhood_type is None and (args.neighborhood_radius is not None
-                                           or args.neighborhood_resolution is not None):
-        raise TrackflowError("--neighborhood_radius/--neighborhood_resolution need --neighborhood_type")
-    cnn = args.input_embedding_key == "cnn_embedding"
-    if cnn:
-        if args.neighborhood_type != "grid":
-            raise TrackflowError("--input_embedding_key cnn_embedding needs --neighborhood_type grid")
-        if not args.nb_cnn_filters or not args.kernel_size:
-            raise TrackflowError("cnn_embedding needs --nb_cnn_filters and --kernel_size")
-        if len(args.nb_cnn_filters) != len(args.kernel_size):
-            raise TrackflowError("--nb_cnn_filters and --kernel_size must have the same number of values")
-        if args.input_embedded_size is not None:
-            raise TrackflowError("--input_embedded_size cannot be used with cnn_embedding")
-    elif args.nb_cnn_filters is not None or args.kernel_size is not None:
+# ---------------------------------------------------------------------------------------------- options -> configs
+def _common_config_fields(args) -> dict:
+    """The ``ModelConfig`` fields (``nb_features`` is added from the hdf5 by the trainer)."""
+    if args.input_embedding_key != "cnn_embedding" and (args.nb_cnn_filters is not None
+                                                        or args.kernel_size is not None):
         raise TrackflowError("--nb_cnn_filters and --kernel_size need --input_embedding_key cnn_embedding")
-    if args.input_embedding_key == "nn_embedding" and args.input_embedded_size is None:
-        raise TrackflowError("--input_embedding_key nn_embedding needs --input_embedded_size")
-    if args.input_embedding_key == "no_embedding" and args.input_embedded_size is not None:
-        raise TrackflowError("--input_embedded_size needs --input_embedding_key nn_embedding")
     return {
         "experiment_name": args.experiment_name,
         "step_size": args.step_size,
@@ -278,85 +256,49 @@ def _common_model_params(args) -> dict:
         "neighborhood_radius": args.neighborhood_radius,
         "neighborhood_resolution": args.neighborhood_resolution,
         "dg_key": args.dg_key,
-        "dg_args": _dg_args_from_args(args),
+        "dg_args": dg_args_from_options(
+            args.dg_key, dropout=args.dg_dropout, add_eos=args.add_eos, eos_weight=args.eos_weight,
+            normalize_targets=args.normalize_targets, normalize_outputs=args.normalize_outputs,
+            entropy_weight=args.add_entropy_to_gauss, nb_gaussians=args.dg_nb_gaussians,
+            n_cluster=args.dg_nb_clusters),
     }
 
 
-def l2t_model_params(args) -> dict:
-    """``parameters.json`` keys of a Learn2TrackModel (checkpoints §1.2, §1.3), minus ``nb_features``."""
-    if args.nb_previous_dirs < 0:
-        raise TrackflowError("--nb_previous_dirs must be >= 0")
-    if args.prev_dirs_embedding_key == "nn_embedding" and args.prev_dirs_embedded_size is None:
-        raise TrackflowError("--prev_dirs_embedding_key nn_embedding needs --prev_dirs_embedded_size")
-    if (args.prev_dirs_embedding_key == "no_embedding" and args.prev_dirs_embedded_size is not None
-            and args.prev_dirs_embedded_size != 3 * args.nb_previous_dirs):
-        raise TrackflowError("without a prev-dir embedding, --prev_dirs_embedded_size must be 3 x "
-                             "--nb_previous_dirs")
-    if not 0.0 <= args.dropout <= 1.0:
-        raise TrackflowError(f"--dropout must be in [0, 1], got {args.dropout}")
-    return {
-        **_common_model_params(args),
-        "nb_previous_dirs": args.nb_previous_dirs,
-        "prev_dirs_embedding_key": args.prev_dirs_embedding_key,
-        "prev_dirs_embedded_size": args.prev_dirs_embedded_size,
-        "normalize_prev_dirs": args.normalize_prev_dirs,
-        "rnn_key": args.rnn_key,
-        "rnn_layer_sizes": args.rnn_layer_sizes,
-        "use_skip_connection": args.use_skip_connection,
-        "use_layer_normalization": args.use_layer_normalization,
-        "dropout": args.dropout,
-    }
+def l2t_config(args) -> L2TConfig:
+    """The Learn2TrackModel config of ``l2t_train_model``'s options."""
+    return L2TConfig(**_common_config_fields(args), nb_previous_dirs=args.nb_previous_dirs,
+                     prev_dirs_embedding_key=args.prev_dirs_embedding_key,
+                     prev_dirs_embedded_size=args.prev_dirs_embedded_size,
+                     normalize_prev_dirs=args.normalize_prev_dirs, rnn_key=args.rnn_key,
+                     rnn_layer_sizes=args.rnn_layer_sizes, use_skip_connection=args.use_skip_connection,
+                     use_layer_normalization=args.use_layer_normalization, dropout=args.dropout)
 
 
-def tt_model_params(args) -> dict:
-    """``parameters.json`` keys of the transformer chosen by ``--model`` (checkpoints §1.4), minus ``nb_features``."""
-    if args.input_embedding_key == "cnn_embedding":
-        raise TrackflowError("cnn_embedding is not available for transformers")
+def tt_config(args) -> TransformerConfig:
+    """The config of the transformer chosen by ``--model``; refuses the options of another variant."""
     if args.target_embedded_size is not None and args.model != "TTST":
         raise TrackflowError("--target_embedded_size is only for --model TTST (TTO uses d_model)")
-    if args.model == "TTST" and args.target_embedding_key == "nn_embedding" and args.target_embedded_size is None:
-        raise TrackflowError("--model TTST with nn target embedding needs --target_embedded_size")
     if args.n_layers_d is not None and args.model != "TTO":
         raise TrackflowError("--n_layers_d is only for --model TTO (the others have no decoder)")
-    if not 0.0 <= args.dropout_rate <= 1.0:
-        raise TrackflowError(f"--dropout_rate must be in [0, 1], got {args.dropout_rate}")
-    params = {
-        **_common_model_params(args),
-        "max_len": args.max_len,
-        "n_layers_e": args.n_layers_e,
-        "positional_encoding_key": args.position_encoding,
-        "dropout_rate": args.dropout_rate,
-        "activation": args.activation,
-        "nheads": args.nheads,
-        "ffnn_hidden_size": args.ffnn_hidden_size,
-        "norm_first": args.norm_first,
-    }
+    fields = dict(_common_config_fields(args), max_len=args.max_len, n_layers_e=args.n_layers_e,
+                  positional_encoding_key=args.position_encoding, dropout_rate=args.dropout_rate,
+                  activation=args.activation, nheads=args.nheads, ffnn_hidden_size=args.ffnn_hidden_size,
+                  norm_first=args.norm_first)
     if args.model in ("TTO", "TTST"):
-        params.update(sos_token_type=args.SOS_token_type, target_embedding_key=args.target_embedding_key)
+        fields.update(sos_token_type=args.SOS_token_type, target_embedding_key=args.target_embedding_key)
     if args.model == "TTO":
-        params["n_layers_d"] = args.n_layers_d if args.n_layers_d is not None else args.n_layers_e
+        fields["n_layers_d"] = args.n_layers_d if args.n_layers_d is not None else args.n_layers_e
     if args.model == "TTST":
-        params["target_embedded_size"] = args.target_embedded_size
-    return params
+        fields["target_embedded_size"] = args.target_embedded_size
+    return TT_CONFIGS[args.model](**fields)
 
 
-def train_from_args(args, family: str):
-    """Check every option, then train a new experiment (the one library call of the train CLIs).
-
-    Parameters
-    ----------
-    args : argparse.Namespace
-        From ``build_train_parser(..., family)``.
-    family : {'l2t', 'tt'}
-
-    Returns
-    -------
-    ExperimentFolder
-    """
+def _train(args, family: str):
+    """Map the options, then train a new experiment (the one library call of the train CLIs)."""
     if family == "l2t":
-        model_type, model_params = "Learn2TrackModel", l2t_model_params(args)
+        model_type, model_config = "Learn2TrackModel", l2t_config(args)
     else:
-        model_type, model_params = TT_MODEL_TYPES[args.model], tt_model_params(args)
+        model_type, model_config = TT_MODEL_TYPES[args.model], tt_config(args)
 
     def sampler(batch_size, max_batches):
         return SamplerParams(batch_size=batch_size, batch_size_units=args.batch_size_units,
@@ -366,7 +308,7 @@ def train_from_args(args, family: str):
 
     return train_new_experiment(
         args.experiments_path, args.experiment_name, args.hdf5_file, args.input_group_name,
-        args.streamline_group_name, model_type=model_type, model_params=model_params,
+        args.streamline_group_name, model_type=model_type, model_config=model_config,
         training_sampler=sampler(args.batch_size_training, args.max_batches_per_epoch_training),
         validation_sampler=sampler(args.batch_size_validation, args.max_batches_per_epoch_validation),
         loader=LoaderParams(noise_gaussian_size_forward=args.noise_gaussian_size_forward,
@@ -375,7 +317,40 @@ def train_from_args(args, family: str):
         trainer=TrainerParams(learning_rates=parse_learning_rates(args.learning_rate),
                               weight_decay=args.weight_decay, optimizer=args.optimizer,
                               max_epochs=args.max_epochs, patience=args.patience,
-                              patience_delta=args.patience_delta, clip_grad=args.clip_grad,
-                              use_gpu=args.use_gpu, rng=args.rng),
+                              patience_delta=args.patience_delta, clip_grad=args.clip_grad, rng=args.rng),
         data=DataParams(lazy=args.lazy, cache_size=args.cache_size),
-        overwrite=args.overwrite)
+        use_gpu=args.use_gpu, overwrite=args.overwrite)
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def _train_main(argv, description: str, family: str):
+    args = build_train_parser(description, family).parse_args(argv)
+    setup_logging(args.verbose)
+    run_cli(_train, args, family)
+
+
+def _resume_main(argv, description: str, family: str):
+    args = build_resume_parser(description).parse_args(argv)
+    setup_logging(args.verbose)
+    run_cli(resume_experiment, family, args.experiments_path, args.experiment_name, hdf5_file=args.hdf5_file,
+            new_patience=args.new_patience, new_max_epochs=args.new_max_epochs, use_gpu=args.use_gpu)
+
+
+def l2t_main(argv=None):
+    """``l2t_train_model``."""
+    _train_main(argv, L2T_TRAIN_DESCRIPTION, "l2t")
+
+
+def tt_main(argv=None):
+    """``tt_train_model``."""
+    _train_main(argv, TT_TRAIN_DESCRIPTION, "tt")
+
+
+def l2t_resume_main(argv=None):
+    """``l2t_resume_training_from_checkpoint``."""
+    _resume_main(argv, L2T_RESUME_DESCRIPTION, "l2t")
+
+
+def tt_resume_main(argv=None):
+    """``tt_resume_training_from_checkpoint``."""
+    _resume_main(argv, TT_RESUME_DESCRIPTION, "tt")

@@ -1,0 +1,40 @@
+"""Row-block padding and 64-byte row alignment for CPU matrix products whose rows must not depend on
+their neighbours (Learn2track tracking; see ``ROW_BLOCK``)."""
+
+import torch
+
+# Measured with MKL's sgemm and torch's CPU kernels (AVX-512, 1-8 threads), a row's result changes with:
+# - the row count of a product: 1-3 rows, and with several threads a count that is not a multiple of 4;
+# - where the row sits in memory: a row not starting on a 64-byte boundary is summed in another order.
+# Tracking therefore computes on row blocks padded to a multiple of ROW_BLOCK, and feeds every matrix
+# product rows aligned to ALIGN_FLOATS: a row's result never depends on the other rows or the slot count.
+ROW_BLOCK = 4
+ALIGN_FLOATS = 16
+
+
+def padded_row_count(n_rows: int) -> int:
+    """``n_rows`` rounded up to a multiple of ``ROW_BLOCK``."""
+    return -(-n_rows // ROW_BLOCK) * ROW_BLOCK
+
+
+def pad_rows_index(n_rows: int, device) -> torch.Tensor:
+    """Indices [0, n_rows) followed by zeros up to ``padded_row_count(n_rows)``: index_select with it
+    repeats row 0 as padding (any content would do; rows never mix)."""
+    index = torch.zeros(padded_row_count(n_rows), dtype=torch.long, device=device)
+    index[:n_rows] = torch.arange(n_rows, device=device)
+    return index
+
+
+def aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """Same values as x [B, K], as a view whose rows start on 64-byte boundaries (see ALIGN_FLOATS).
+
+    Rows that are already aligned are returned as they are; otherwise they are copied into a buffer whose
+    row stride is K rounded up to ALIGN_FLOATS (torch's CPU allocator aligns the buffer itself). Only
+    CPU tensors are changed: the alignment rule is MKL's.
+    """
+    row_bytes = x.stride(0) * x.element_size()
+    if x.device.type != "cpu" or (x.stride(1) == 1 and row_bytes % 64 == 0 and x.data_ptr() % 64 == 0):
+        return x
+    width = -(-x.shape[1] // ALIGN_FLOATS) * ALIGN_FLOATS
+    out = x.new_empty(x.shape[0], width)[:, :x.shape[1]]
+    return out.copy_(x)
