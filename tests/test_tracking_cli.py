@@ -11,8 +11,7 @@ import torch
 from dipy.io.streamline import load_tractogram
 from dipy.tracking.streamlinespeed import length
 
-from trackflow.cli.l2t_track_from_model import main as l2t_main
-from trackflow.cli.tt_track_from_model import main as tt_main
+from trackflow.cli.track import l2t_main, tt_main
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.models.l2t import Learn2TrackModel
 from trackflow.models.transformers import OriginalTransformerModel

@@ -429,7 +429,7 @@ def summary_rows(workdir):
 
 def real_clis_available():
     try:
-        import trackflow.cli.l2t_track_from_model  # noqa: F401
+        import trackflow.cli.track  # noqa: F401
         import trackflow.cli.train  # noqa: F401
         import trackflow.cli.make_demo  # noqa: F401
         import trackflow.cli.create_hdf5_dataset  # noqa: F401

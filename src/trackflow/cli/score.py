@@ -35,8 +35,8 @@ def score(args):
         metrics["OL"], metrics["OR"], metrics["F1"])
 
 
-def main():
-    args = build_parser().parse_args()
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     run_cli(score, args)
 

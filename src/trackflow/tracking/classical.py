@@ -33,7 +33,7 @@ import torch
 
 from trackflow.errors import TrackflowError
 from trackflow.files import atomic_output, check_inputs, check_outputs
-from trackflow.tracking.seeds import SeedGenerator, count_seeds
+from trackflow.tracking.seeds import SeedGenerator, check_seed_counts, count_seeds
 
 LOGGER = logging.getLogger(__name__)
 
@@ -79,8 +79,7 @@ def seeds_from_mask(seeding_mask, *, rng_seed: int, npv: int | None = None,
         Seed positions, vox/corner, in seed-index order.
     """
     check_inputs([seeding_mask])
-    if npv is not None and nt is not None:
-        raise TrackflowError("give npv or nt, not both")
+    check_seed_counts(npv, nt)
     mask = np.asanyarray(nib.load(seeding_mask).dataobj)
     n_seeds = count_seeds(mask, npv, nt)
     generator = SeedGenerator(mask, rng_seed)

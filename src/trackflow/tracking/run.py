@@ -23,14 +23,69 @@ from trackflow.experiment import ExperimentFolder
 from trackflow.files import check_outputs
 from trackflow.models.persistence import load_experiment_model
 from trackflow.models.registry import check_model_family
-from trackflow.tracking.decoders import make_direction_decoder
-from trackflow.tracking.filtering import filter_streamlines
 from trackflow.data.tractograms import check_tractogram_path, save_tractogram_file
-from trackflow.tracking.seeds import SeedGenerator, count_seeds
+from trackflow.tracking.decoders import make_direction_decoder
+from trackflow.tracking.filtering import FilteredTractogram, filter_streamlines
+from trackflow.tracking.seeds import SeedGenerator, check_seed_counts, count_seeds
 from trackflow.tracking.stopping import MaskStoppingCriterion, VolumeStoppingCriterion
-from trackflow.tracking.tracker import StopReason, Tracker, TrackingParameters
+from trackflow.tracking.tracker import StopReason, Tracker, TrackingParameters, TrackingResult
 
 LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrackingOptions:
+    """The tracking scripts' options (spec §6.1); lengths in mm, angles in degrees.
+
+    hdf5_file: cohort [the experiment's 'hdf5 file']; subset: where the subject is expected (a warning
+    only); use_latest_epoch: checkpoint/model/ instead of best_model/; algo: one of ``decoders.ALGOS``;
+    step_size [the model's]; theta: largest turn between steps; min_length, max_length: kept lengths (both halves);
+    tracking_mask_group: volume group where tracking may go (value >= 0.5), else only the volume bounds;
+    mask_interp: its interpolation; eos_stop: EOS probability threshold [0.5 with EOS]; discard_last_point:
+    drop the first point outside the mask; track_forward_only: skip the backward half; npv / nt: seeds per
+    seeding voxel [1] / in total; rng_seed [random, logged]; compress_th: compression tolerance [none];
+    save_seeds: store seeds per streamline; use_gpu; simultaneous_tracking: slots of the batched tracker;
+    overwrite: replace an existing output.
+    """
+
+    hdf5_file: str | Path | None = None
+    subset: str = "testing"
+    use_latest_epoch: bool = False
+    algo: str = "det"
+    step_size: float | None = None
+    theta: float = 90.0
+    min_length: float = 10.0
+    max_length: float = 300.0
+    tracking_mask_group: str | None = None
+    mask_interp: str = "nearest"
+    eos_stop: float | None = None
+    discard_last_point: bool = False
+    track_forward_only: bool = False
+    npv: int | None = None
+    nt: int | None = None
+    rng_seed: int | None = None
+    compress_th: float | None = None
+    save_seeds: bool = False
+    use_gpu: bool = False
+    simultaneous_tracking: int = 1000
+    overwrite: bool = False
+
+    def __post_init__(self):
+        # One place per rule: the other options are checked where they are used, before tracking starts
+        # (algo: decoders.make_direction_decoder; step size, slot count: TrackingParameters; subset:
+        # HDF5Cohort.subjects; mask interpolation: MaskStoppingCriterion); the seed counts by the seeds
+        # module, shared with the scilpy baseline.
+        if not 0 < self.theta <= 180:
+            raise TrackflowError(f"--theta must be in (0, 180] degrees, got {self.theta}")
+        if not self.max_length > 0:
+            raise TrackflowError(f"--max_length must be positive, got {self.max_length}")
+        if self.min_length < 0 or self.min_length > self.max_length:
+            raise TrackflowError(f"--min_length must be in [0, --max_length], got {self.min_length}")
+        if self.eos_stop is not None and not 0 <= self.eos_stop <= 1:
+            raise TrackflowError(f"--eos_stop must be in [0, 1], got {self.eos_stop}")
+        check_seed_counts(self.npv, self.nt)
+        if self.compress_th is not None and not self.compress_th > 0:
+            raise TrackflowError(f"--compress must be positive, got {self.compress_th}")
 
 
 @dataclass
@@ -83,80 +138,119 @@ def _step_size(model, step_size) -> float:
     return float(step_size)
 
 
-def track_from_experiment(model_family: str, experiment_path, subj_id: str, input_group: str,
-                          out_tractogram, seeding_mask_group: str, *, hdf5_file=None, subset="testing",
-                          use_latest_epoch=False, algo="det", step_size=None, theta=90.0, min_length=10.0,
-                          max_length=300.0, tracking_mask_group=None, mask_interp="nearest", eos_stop=None,
-                          discard_last_point=False, track_forward_only=False, npv=None, nt=None,
-                          rng_seed=None, compress_th=None, save_seeds=False, use_gpu=False,
-                          simultaneous_tracking=1000, overwrite=False) -> TrackingSummary:
-    """Track ``subj_id`` with the experiment's model and write ``out_tractogram``.
+@dataclass
+class SubjectInputs:
+    """What tracking reads of one subject: the model input, the masks and the output's reference.
 
-    Options have the meaning of spec §6.1 (see ``cli_args.build_tracking_parser``); lengths in mm.
-    ``model_family`` is ``"l2t"`` or ``"tt"`` (which script asked). Returns the run's summary.
+    volume: the input group (``data`` [X, Y, Z, F], ``voxres`` in mm); seeding_mask, tracking_mask:
+    [X, Y, Z] (tracking_mask None without ``--tracking_mask_group``); reference: the seeding mask's NIfTI;
+    voxel_mm: the isotropic voxel size.
     """
-    check_tractogram_path(out_tractogram, save_seeds)
-    check_outputs([out_tractogram], overwrite)
-    if min_length < 0 or min_length > max_length:
-        raise TrackflowError(f"--min_length must be in [0, --max_length], got {min_length}")
-    device = select_device(use_gpu)
-    hdf5_path = _hdf5_path(experiment_path, hdf5_file)
-    model = load_experiment_model(experiment_path, use_latest_epoch=use_latest_epoch, device=device)
-    check_model_family(type(model).__name__, model_family, "track_from_model")
-    step_mm = _step_size(model, step_size)
 
+    volume: object
+    seeding_mask: np.ndarray
+    tracking_mask: np.ndarray | None
+    reference: object
+    voxel_mm: float
+
+
+def read_subject_inputs(hdf5_path: Path, subj_id: str, input_group: str, seeding_mask_group: str,
+                        options: TrackingOptions, nb_features: int) -> SubjectInputs:
+    """Read the subject's groups, checking the input's feature count (the model's ``nb_features``) and
+    that voxels are isotropic; an empty seeding mask is the caller's check (it needs the seed count)."""
     with HDF5Cohort(hdf5_path) as cohort:
         volume = cohort.read_volume(subj_id, input_group)  # first: a missing subject is an error
-        if subj_id not in cohort.subjects(subset):
-            LOGGER.warning("subject %s is not in the %s subset of %s; using it anyway", subj_id, subset,
-                           hdf5_path)
-        if volume.data.shape[3] != model.nb_features:
+        if subj_id not in cohort.subjects(options.subset):
+            LOGGER.warning("subject %s is not in the %s subset of %s; using it anyway", subj_id,
+                           options.subset, hdf5_path)
+        if volume.data.shape[3] != nb_features:
             raise TrackflowError(f"input group '{input_group}' has {volume.data.shape[3]} features but the "
-                                 f"model expects {model.nb_features}")
+                                 f"model expects {nb_features}")
         seeding_mask = cohort.read_volume(subj_id, seeding_mask_group).data[..., 0]
-        tracking_mask = (cohort.read_volume(subj_id, tracking_mask_group).data[..., 0]
-                         if tracking_mask_group is not None else None)
+        tracking_mask = (cohort.read_volume(subj_id, options.tracking_mask_group).data[..., 0]
+                         if options.tracking_mask_group is not None else None)
         reference = cohort.reference_nifti(subj_id, seeding_mask_group)
 
     voxres = np.asarray(volume.voxres, dtype=float)
     if not np.allclose(voxres, voxres[0], rtol=1e-4):
         raise TrackflowError(f"tracking needs isotropic voxels, got voxel sizes {voxres.tolist()}")
-    voxel_mm = float(voxres[0])
-    if eos_stop is not None and not getattr(model.direction_getter, "add_eos", False):
+    return SubjectInputs(volume, seeding_mask, tracking_mask, reference, float(voxres[0]))
+
+
+def build_tracker(model, inputs: SubjectInputs, options: TrackingOptions, step_mm: float, rng_seed: int,
+                  device) -> Tracker:
+    """The batched tracker of this run, its volume, criterion and seeds on ``device``."""
+    volume_tensor = torch.as_tensor(inputs.volume.data, device=device)
+    criterion = (MaskStoppingCriterion(torch.as_tensor(inputs.tracking_mask, device=device), options.mask_interp)
+                 if inputs.tracking_mask is not None else VolumeStoppingCriterion(inputs.volume.data.shape))
+    params = TrackingParameters(step_size_vox=step_mm / inputs.voxel_mm,
+                                max_points=max_points_for(options.max_length, step_mm),
+                                theta_deg=options.theta,
+                                eos_threshold=0.5 if options.eos_stop is None else options.eos_stop,
+                                track_forward_only=options.track_forward_only,
+                                discard_last_point=options.discard_last_point,
+                                n_slots=options.simultaneous_tracking)
+    decoder = make_direction_decoder(options.algo, model.direction_getter, rng_seed)
+    return Tracker(model, volume_tensor, criterion, SeedGenerator(inputs.seeding_mask, rng_seed, device), decoder,
+                   params)
+
+
+def write_tractogram(result: TrackingResult, out_tractogram, inputs: SubjectInputs,
+                     options: TrackingOptions) -> FilteredTractogram:
+    """Length-filter (after the optional compression) and write what is kept; nothing kept, no file."""
+    kept = filter_streamlines(result, inputs.voxel_mm, options.min_length, options.max_length,
+                              options.compress_th)
+    if len(kept.streamlines):
+        save_tractogram_file(out_tractogram, kept.streamlines, inputs.reference,
+                             kept.seeds if options.save_seeds else None)
+    else:
+        LOGGER.warning("no streamline survived: %s not written", out_tractogram)
+    return kept
+
+
+def summarize(result: TrackingResult, kept: FilteredTractogram, n_seeds: int, seconds: float) -> TrackingSummary:
+    ends = result.end_reasons.ravel()  # both ends of every seed's streamline, kept or not
+    return TrackingSummary(
+        n_seeds=n_seeds, n_kept=len(kept.streamlines), n_too_short=kept.n_too_short,
+        n_too_long=kept.n_too_long,
+        stop_counts={r.name: int((ends == r).sum()) for r in StopReason if r != StopReason.NOT_TRACKED},
+        mean_length_mm=float(kept.lengths_mm.mean()) if len(kept.lengths_mm) else 0.0, seconds=seconds)
+
+
+def track_from_experiment(model_family: str, experiment_path, subj_id: str, input_group: str,
+                          out_tractogram, seeding_mask_group: str,
+                          options: TrackingOptions) -> TrackingSummary:
+    """Track ``subj_id`` with the experiment's model and write ``out_tractogram``.
+
+    ``model_family`` is ``"l2t"`` or ``"tt"`` (which script asked). Everything is checked before tracking
+    starts. Returns the run's summary (also printed on stderr).
+    """
+    check_tractogram_path(out_tractogram, options.save_seeds)
+    check_outputs([out_tractogram], options.overwrite)
+    device = select_device(options.use_gpu)
+    hdf5_path = _hdf5_path(experiment_path, options.hdf5_file)
+    model = load_experiment_model(experiment_path, use_latest_epoch=options.use_latest_epoch, device=device)
+    check_model_family(type(model).__name__, model_family, "track_from_model")
+    step_mm = _step_size(model, options.step_size)
+    inputs = read_subject_inputs(hdf5_path, subj_id, input_group, seeding_mask_group, options,
+                                 model.nb_features)
+    if options.eos_stop is not None and not getattr(model.direction_getter, "add_eos", False):
         LOGGER.warning("--eos_stop given but the model has no EOS output: ignored")
-    n_seeds = count_seeds(seeding_mask, npv, nt)
+    n_seeds = count_seeds(inputs.seeding_mask, options.npv, options.nt)
     if n_seeds == 0:
         raise TrackflowError(f"the seeding mask group '{seeding_mask_group}' is empty (no voxel > 0)")
+    rng_seed = options.rng_seed
     if rng_seed is None:
         rng_seed = secrets.randbits(62)
         LOGGER.info("no --rng_seed given: using %d", rng_seed)
-
-    volume_tensor = torch.as_tensor(volume.data, device=device)
-    criterion = (MaskStoppingCriterion(torch.as_tensor(tracking_mask, device=device), mask_interp)
-                 if tracking_mask is not None else VolumeStoppingCriterion(volume.data.shape))
-    params = TrackingParameters(step_size_vox=step_mm / voxel_mm, max_points=max_points_for(max_length, step_mm),
-                                theta_deg=theta, eos_threshold=0.5 if eos_stop is None else eos_stop,
-                                track_forward_only=track_forward_only,
-                                discard_last_point=discard_last_point, n_slots=simultaneous_tracking)
-    decoder = make_direction_decoder(algo, model.direction_getter, rng_seed)
-    tracker = Tracker(model, volume_tensor, criterion, SeedGenerator(seeding_mask, rng_seed, device), decoder,
-                      params)
+    tracker = build_tracker(model, inputs, options, step_mm, rng_seed, device)
 
     started = time.perf_counter()
     with tqdm(total=n_seeds, unit="seed", file=sys.stderr, mininterval=1.0) as progress:
         result = tracker.track(n_seeds, progress)
     seconds = time.perf_counter() - started
 
-    kept = filter_streamlines(result, voxel_mm, min_length, max_length, compress_th)
-    if len(kept.streamlines):
-        save_tractogram_file(out_tractogram, kept.streamlines, reference, kept.seeds if save_seeds else None)
-    else:
-        LOGGER.warning("no streamline survived: %s not written", out_tractogram)
-    ends = result.end_reasons.ravel()  # both ends of every seed's streamline, kept or not
-    summary = TrackingSummary(
-        n_seeds=n_seeds, n_kept=len(kept.streamlines), n_too_short=kept.n_too_short,
-        n_too_long=kept.n_too_long,
-        stop_counts={r.name: int((ends == r).sum()) for r in StopReason if r != StopReason.NOT_TRACKED},
-        mean_length_mm=float(kept.lengths_mm.mean()) if len(kept.lengths_mm) else 0.0, seconds=seconds)
+    kept = write_tractogram(result, out_tractogram, inputs, options)
+    summary = summarize(result, kept, n_seeds, seconds)
     print(summary.line(), file=sys.stderr)
     return summary

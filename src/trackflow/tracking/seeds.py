@@ -12,16 +12,21 @@ from trackflow.errors import TrackflowError
 from trackflow.tracking.random import SEED_OFFSET_STREAM, counter_uniforms
 
 
+def check_seed_counts(npv: int | None, nt: int | None) -> None:
+    """The seed-count rule of every tracker: at most one of ``npv``, ``nt``, and each given one >= 1."""
+    if npv is not None and nt is not None:
+        raise TrackflowError("give npv or nt, not both")
+    for name, value in (("nt", nt), ("npv", npv)):
+        if value is not None and value < 1:
+            raise TrackflowError(f"--{name} must be at least 1, got {value}")
+
+
 def count_seeds(seeding_mask: np.ndarray, npv: int | None, nt: int | None) -> int:
     """Number of seeds: ``nt`` if given, else ``npv`` (default 1) per mask voxel."""
+    check_seed_counts(npv, nt)
     if nt is not None:
-        if nt < 1:
-            raise TrackflowError(f"--nt must be at least 1, got {nt}")
         return nt
-    npv = 1 if npv is None else npv
-    if npv < 1:
-        raise TrackflowError(f"--npv must be at least 1, got {npv}")
-    return int(np.count_nonzero(seeding_mask > 0)) * npv
+    return int(np.count_nonzero(seeding_mask > 0)) * (1 if npv is None else npv)
 
 
 class SeedGenerator:

@@ -12,6 +12,8 @@ import torch
 from trackflow.errors import TrackflowError
 from trackflow.geometry.interpolation import nearest_values, outside_volume, trilinear_values
 
+MASK_INTERPOLATIONS = ("nearest", "trilinear")
+
 
 class StreamlineStatus(enum.IntEnum):
     """dipy's values (``stopping_criterion.pxd``)."""
@@ -69,7 +71,7 @@ class MaskStoppingCriterion(VolumeStoppingCriterion):
     def __init__(self, mask: torch.Tensor, interpolation: str = "nearest", threshold: float = 0.5):
         if mask.dim() != 3:
             raise TrackflowError(f"the tracking mask must be a 3-D volume, got shape {tuple(mask.shape)}")
-        if interpolation not in ("nearest", "trilinear"):
+        if interpolation not in MASK_INTERPOLATIONS:
             raise TrackflowError(f"unknown mask interpolation {interpolation!r} (nearest or trilinear)")
         super().__init__(mask.shape)
         self.mask = mask.to(torch.float32)

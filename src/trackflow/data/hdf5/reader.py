@@ -21,6 +21,7 @@ from trackflow.errors import TrackflowError
 HDF5_LAYOUT_VERSION = 1  # our own root attribute `version`; dwi_ml files have none
 NOT_DEFINED = "Not defined by user"  # dwi_ml's sentinel for unset step_size/nb_points/compress
 SUBSETS = ("training_subjs", "validation_subjs", "testing_subjs")
+SUBSET_NAMES = tuple(name.removesuffix("_subjs") for name in SUBSETS)  # what the scripts' --subset takes
 _REQUIRED_ROOT_ATTRS = SUBSETS + ("step_size", "nb_points", "compress")
 _STREAMLINE_DATASETS = ("data", "offsets", "lengths", "euclidean_lengths")
 
@@ -325,7 +326,7 @@ def print_architecture(path, out=None) -> None:
         print("root attributes:", file=out)
         for name, value in h5_file.attrs.items():
             print(f"  {name}: {_format_attr(value)}", file=out)
-        for subset in ("training", "validation", "testing"):
+        for subset in SUBSET_NAMES:
             subjects = cohort.subjects(subset)
             print(f"{subset} subjects ({len(subjects)}): {', '.join(subjects)}", file=out)
         first = cohort._first_subject()

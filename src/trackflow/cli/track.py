@@ -1,42 +1,26 @@
-"""The command line shared by ``l2t_track_from_model`` and ``tt_track_from_model`` (spec §6.1).
+"""l2t_track_from_model and tt_track_from_model: track one subject of an hdf5 cohort with a trained model.
 
-Option names are dwi_ml's; argparse abbreviations stay on because the documented command lines use them
-(``--hdf5`` for ``--hdf5_file``, ``--discard_last`` for ``--discard_last_point``).
+One command line for every model (spec §6.1); option names are dwi_ml's. Argparse abbreviations stay on
+because the documented command lines use them (``--hdf5`` for ``--hdf5_file``, ``--discard_last`` for
+``--discard_last_point``).
 """
 
 import argparse
 
-from trackflow.cli.common import add_overwrite_arg, add_verbose_arg
+from trackflow.cli.common import (add_overwrite_arg, add_verbose_arg, positive_float, positive_int, probability,
+                                  run_cli, setup_logging)
+from trackflow.data.hdf5.reader import SUBSET_NAMES
+from trackflow.tracking.decoders import ALGOS
+from trackflow.tracking.run import TrackingOptions, track_from_experiment
+from trackflow.tracking.stopping import MASK_INTERPOLATIONS
+
+_POSITIONALS = ("experiment_path", "subj_id", "input_group", "out_tractogram", "seeding_mask_group")
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r} "
-                                         "('max' is not supported)") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def build_tracking_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """Parser of the tracking scripts; ``vars(args)`` minus ``verbose`` are ``track_from_experiment``'s
-    keyword arguments."""
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """Parser of the tracking scripts; ``vars(args)`` minus ``verbose`` and the positionals are
+    ``TrackingOptions``' fields."""
+    defaults = TrackingOptions()
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("experiment_path", help="Experiment folder (with best_model/).")
@@ -49,29 +33,29 @@ def build_tracking_parser(prog: str, description: str) -> argparse.ArgumentParse
     data = p.add_argument_group("Data")
     data.add_argument("--hdf5_file", help="hdf5 file [the 'hdf5 file' of the experiment's "
                                           "parameters_latest.json].")
-    data.add_argument("--subset", default="testing", choices=["training", "validation", "testing"],
+    data.add_argument("--subset", default=defaults.subset, choices=SUBSET_NAMES,
                       help="Subset expected to hold the subject (a warning only: the subject is found "
                            "in any subset).")
     data.add_argument("--use_latest_epoch", action="store_true",
                       help="Use checkpoint/model/ instead of best_model/.")
 
     tracking = p.add_argument_group("Tracking")
-    tracking.add_argument("--algo", default="det", choices=["det", "prob"],
+    tracking.add_argument("--algo", default=defaults.algo, choices=ALGOS,
                           help="Deterministic or sampled directions (the head must support sampling).")
-    tracking.add_argument("--step_size", type=_positive_float,
+    tracking.add_argument("--step_size", type=positive_float,
                           help="Step in mm [the model's training step size].")
-    tracking.add_argument("--theta", type=float, default=90.0,
+    tracking.add_argument("--theta", type=float, default=defaults.theta,
                           help="Largest angle (degrees) between two consecutive steps.")
-    tracking.add_argument("--min_length", type=float, default=10.0,
+    tracking.add_argument("--min_length", type=float, default=defaults.min_length,
                           help="Shortest streamline kept, in mm (measured on the output).")
-    tracking.add_argument("--max_length", type=_positive_float, default=300.0,
+    tracking.add_argument("--max_length", type=positive_float, default=defaults.max_length,
                           help="Longest streamline, in mm (both halves together).")
     tracking.add_argument("--tracking_mask_group",
                           help="Volume group of the tracking mask (stop where its value < 0.5); without "
                                "it only the volume bounds (and EOS, angle, length) stop.")
-    tracking.add_argument("--mask_interp", default="nearest", choices=["nearest", "trilinear"],
+    tracking.add_argument("--mask_interp", default=defaults.mask_interp, choices=MASK_INTERPOLATIONS,
                           help="Interpolation of the tracking mask.")
-    tracking.add_argument("--eos_stop", type=_probability,
+    tracking.add_argument("--eos_stop", type=probability,
                           help="Stop when the EOS probability exceeds this [0.5 when the model has EOS].")
     tracking.add_argument("--discard_last_point", action="store_true",
                           help="Keep only points inside the tracking mask (default: the first point "
@@ -80,13 +64,13 @@ def build_tracking_parser(prog: str, description: str) -> argparse.ArgumentParse
 
     seeding = p.add_argument_group("Seeding")
     count = seeding.add_mutually_exclusive_group()
-    count.add_argument("--npv", type=_positive_int, help="Seeds per seeding-mask voxel [1].")
-    count.add_argument("--nt", type=_positive_int, help="Total number of seeds.")
+    count.add_argument("--npv", type=positive_int, help="Seeds per seeding-mask voxel [1].")
+    count.add_argument("--nt", type=positive_int, help="Total number of seeds.")
     seeding.add_argument("--rng_seed", type=int,
                          help="Seed of seed positions and sampled directions [random, logged].")
 
     out = p.add_argument_group("Output")
-    out.add_argument("--compress", dest="compress_th", type=_positive_float, nargs="?", const=0.1,
+    out.add_argument("--compress", dest="compress_th", type=positive_float, nargs="?", const=0.1,
                      help="Compress the output streamlines with this tolerance in mm [0.1 if no value].")
     out.add_argument("--save_seeds", action="store_true",
                      help="Store each streamline's seed (vox, center origin) as per-streamline data "
@@ -95,9 +79,32 @@ def build_tracking_parser(prog: str, description: str) -> argparse.ArgumentParse
     device = p.add_argument_group("Device")
     device.add_argument("--use_gpu", action="store_true",
                         help="Track on the GPU (CUDA); falls back to the CPU with a warning.")
-    device.add_argument("--simultaneous_tracking", type=_positive_int, default=1000,
+    device.add_argument("--simultaneous_tracking", type=positive_int, default=defaults.simultaneous_tracking,
                         help="Streamlines tracked at once (slots of the batched tracker).")
 
     add_overwrite_arg(p)
     add_verbose_arg(p)
     return p
+
+
+def _track(model_family: str, args: dict):
+    positionals = [args.pop(name) for name in _POSITIONALS]
+    return track_from_experiment(model_family, *positionals, TrackingOptions(**args))
+
+
+def _main(model_family: str, prog: str, description: str, argv):
+    args = vars(build_parser(prog, description).parse_args(argv))
+    setup_logging(args.pop("verbose"))
+    run_cli(_track, model_family, args)  # inside run_cli: a rule broken in TrackingOptions is one line
+
+
+def l2t_main(argv=None):
+    _main("l2t", "l2t_track_from_model",
+          "Track a subject with a trained Learn2track model (batched, forward then backward from each seed).",
+          argv)
+
+
+def tt_main(argv=None):
+    _main("tt", "tt_track_from_model",
+          "Track a subject with a trained TractoTransformer model (TTO, TTS or TTST; batched, forward then "
+          "backward from each seed).", argv)
