@@ -8,8 +8,8 @@ that a model of the other family is refused with the script to use.
 import argparse
 
 from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, percent, positive_int, run_cli, setup_logging
-from trackflow.visualization.loss import (DEFAULT_BEST_WORST_PERCENT, SUBSETS, LossVisualizationOptions,
-                                          visualize_loss)
+from trackflow.data.hdf5.reader import SUBSET_NAMES
+from trackflow.visualization.loss import DEFAULT_BEST_WORST_PERCENT, LossVisualizationOptions, visualize_loss
 
 # The --help text of each script: what it does and the documented example.
 _DESCRIPTION = """{prog}: per-point loss of a trained {model} model on a subject's streamlines
@@ -53,7 +53,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     source.add_argument("--streamlines_file", help="Tractogram file (.trk, .trx, or .tck with --reference) on "
                                                    "the grid of the input volume.")
     data.add_argument("--reference", help="Reference image of a .tck --streamlines_file.")
-    data.add_argument("--subset", default="testing", choices=list(SUBSETS),
+    data.add_argument("--subset", default="testing", choices=list(SUBSET_NAMES),
                       help="Subset expected to hold the subject (a warning only).")
     data.add_argument("--use_latest_epoch", action="store_true",
                       help="Use checkpoint/model/ instead of best_model/.")

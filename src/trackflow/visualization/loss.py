@@ -42,7 +42,6 @@ RAMP_START_RGB = np.array([0.0, 200.0, 0.0])
 RAMP_END_RGB = np.array([255.0, 105.0, 180.0])
 # The displacement streamlines are drawn at random, always the same ones for the same input.
 DISPLACEMENT_SEED = 1234
-SUBSETS = ("training", "validation", "testing")
 
 
 @dataclass
