@@ -47,7 +47,7 @@ def load_tractogram_file(path, reference=None) -> StatefulTractogram:
 
 
 def save_tractogram_file(path, streamlines, reference: nib.Nifti1Image, seeds: np.ndarray | None = None,
-                         data_per_point: dict | None = None) -> None:
+                         data_per_point: dict | None = None, overwrite: bool = True) -> None:
     """Write vox/corner streamlines with the reference's header, atomically.
 
     Parameters
@@ -63,6 +63,8 @@ def save_tractogram_file(path, streamlines, reference: nib.Nifti1Image, seeds: n
         (minus 0.5).
     data_per_point : dict or None
         Name -> values of every point in streamline order, [sum T_b] or [sum T_b, K]; stored as float32.
+    overwrite : bool
+        False: refuse an existing ``path``, atomically at the final rename (two runs racing for one output).
     """
     streamlines = streamlines if isinstance(streamlines, ArraySequence) else ArraySequence(streamlines)
     points = streamlines.get_data()  # compact copy, so that row i of data_per_point is point i
@@ -74,6 +76,6 @@ def save_tractogram_file(path, streamlines, reference: nib.Nifti1Image, seeds: n
     dps = {"seeds": (seeds - 0.5).astype(np.float32)} if seeds is not None else {}
     sft = StatefulTractogram(array_sequence_from_parts(points, offsets, lengths), reference, Space.VOX,
                              origin=Origin.TRACKVIS, data_per_streamline=dps, data_per_point=dpp)
-    with atomic_output(path) as tmp:
+    with atomic_output(path, overwrite=overwrite) as tmp:
         save_tractogram(sft, str(tmp), bbox_valid_check=False)
     LOGGER.info("wrote %s", path)
