@@ -32,18 +32,26 @@ def check_tractogram_path(path, save_seeds: bool = False) -> None:
 def load_tractogram_file(path, reference=None) -> StatefulTractogram:
     """A .trk, .trx or .tck (``reference`` needed for .tck only) as a dipy StatefulTractogram.
 
-    Unreadable or incompatible files raise ``TrackflowError``; no bounding-box check (tracked streamlines
-    may end one step outside the volume).
+    Unreadable files, and a .trk whose header is not the grid of a given ``reference``, raise
+    ``TrackflowError``; no bounding-box check (tracked streamlines may end one step outside the volume).
     """
     path = Path(path)
     if not path.is_file():
         raise TrackflowError(f"tractogram {path} does not exist")
     if path.suffix.lower() == ".tck" and reference is None:
         raise TrackflowError(f"{path} is a .tck file: give --reference (an image of its grid)")
+    dipy_logger = logging.getLogger("dipy")
+    level = dipy_logger.level
+    dipy_logger.setLevel(logging.CRITICAL)  # its header-mismatch lines would repeat our one-line error
     try:
-        return load_tractogram(str(path), reference if reference is not None else "same", bbox_valid_check=False)
+        sft = load_tractogram(str(path), reference if reference is not None else "same", bbox_valid_check=False)
     except Exception as e:  # dipy raises many types for unreadable or incompatible files
         raise TrackflowError(f"cannot read tractogram {path}: {e}") from None
+    finally:
+        dipy_logger.setLevel(level)
+    if sft is False:  # dipy's answer to a .trk header that does not match the reference
+        raise TrackflowError(f"tractogram {path} is not on the grid of the reference image")
+    return sft
 
 
 def save_tractogram_file(path, streamlines, reference: nib.Nifti1Image, seeds: np.ndarray | None = None,
