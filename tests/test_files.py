@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from trackflow.errors import TrackflowError
-from trackflow.files import atomic_directory, atomic_output, remove_stale_temporaries
+from trackflow.files import atomic_directory, atomic_output, check_outputs, remove_stale_temporaries
 
 
 def test_a_new_output_is_not_replaced_by_a_run_that_finishes_second(tmp_path):
@@ -69,3 +69,20 @@ def test_stale_temporaries_of_a_directory_output_are_removed(tmp_path):
     stale.mkdir()
     remove_stale_temporaries(final)
     assert not stale.exists()
+
+
+def test_outputs_colliding_with_each_other_or_an_input_are_refused(tmp_path):
+    src = tmp_path / "in.trk"
+    src.write_text("input")
+    with pytest.raises(TrackflowError, match="same file as output"):
+        check_outputs([tmp_path / "out.trk", tmp_path / "sub" / ".." / "out.trk"], overwrite=True)
+    with pytest.raises(TrackflowError, match="same file as input"):
+        check_outputs([tmp_path / "out.tsv", src], overwrite=True, inputs=[src])
+    check_outputs([tmp_path / "out.trk", tmp_path / "out.tsv", None], overwrite=False, inputs=[src, None])
+
+
+def test_a_folder_under_a_file_output_name_is_refused_even_with_overwrite(tmp_path):
+    (tmp_path / "out.trk").mkdir()
+    with pytest.raises(TrackflowError, match="is a directory"):
+        check_outputs([tmp_path / "out.trk"], overwrite=True)
+    check_outputs([tmp_path / "out.trk"], overwrite=True, directories=True)  # a folder output: replaceable

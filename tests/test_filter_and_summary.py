@@ -3,6 +3,7 @@
 import json
 import runpy
 import sys
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -13,8 +14,10 @@ from dipy.io.stateful_tractogram import Space, StatefulTractogram
 from dipy.io.streamline import load_tractogram, save_tractogram
 from PIL import Image
 
+import trackflow.evaluation.length_filter
 from trackflow.cli.filter_by_length import main as filter_main
-from trackflow.evaluation.length_filter import COUNT_COLUMNS, KEYS
+from trackflow.errors import TrackflowError
+from trackflow.evaluation.length_filter import COUNT_COLUMNS, KEYS, filter_tractogram_by_length
 from trackflow.visualization.summary import PLOTS, SCORE_COLUMNS, summarize_cohort, write_cohort_summary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +100,63 @@ def test_filter_labels_empty_result_and_errors(reference, tmp_path, capsys):
     fails([str(in_path), str(tmp_path / "o.trk"), "--minL", "50", "--maxL", "20", "--out_counts",
            str(tmp_path / "o.tsv")], "--minL")
     assert not (tmp_path / "o.trk").exists() and not (tmp_path / "o.tsv").exists()
+
+
+@pytest.mark.parametrize("out,counts,message", [
+    ("out.trk", "out.trk", "out.trk is the same file as output"),
+    ("in.trk", "c.tsv", "in.trk is the same file as input"),
+    ("out.trk", "in.trk", "in.trk is the same file as input"),
+    ("out.xyz", "c.tsv", "must end in .trk, .tck or .trx"),
+    ("out.trk", "folder", "folder is a directory"),
+])
+def test_filter_refuses_outputs_it_cannot_write_whole(reference, tmp_path, capsys, out, counts, message):
+    in_path = known_tractogram(tmp_path / "in.trk", reference)
+    (tmp_path / "folder").mkdir()
+    before = {p: p.read_bytes() for p in tmp_path.glob("*.trk")}
+    with pytest.raises(SystemExit) as exit_info:
+        filter_main([str(in_path), str(tmp_path / out), "--out_counts", str(tmp_path / counts), "-f"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in.trk"]
+    assert {p: p.read_bytes() for p in tmp_path.glob("*.trk")} == before
+
+
+def test_of_two_filters_racing_for_new_outputs_the_second_to_finish_writes_neither(reference, tmp_path,
+                                                                                  monkeypatch):
+    """Run A writes its tractogram's temporary and waits; run B, on the same absent outputs, completes; A must
+    then fail without replacing either of B's files (tractogram and counts appear together or not at all)."""
+    in_path = known_tractogram(tmp_path / "in.trk", reference)
+    real_save = trackflow.evaluation.length_filter.save_tractogram
+    a_wrote, b_done = threading.Event(), threading.Event()
+
+    def save_then_wait_for_b(sft, filename, **kwargs):
+        real_save(sft, filename, **kwargs)
+        if threading.current_thread().name == "run A":
+            a_wrote.set()
+            b_done.wait(timeout=60)
+
+    monkeypatch.setattr(trackflow.evaluation.length_filter, "save_tractogram", save_then_wait_for_b)
+    out, counts = tmp_path / "out.trk", tmp_path / "counts.tsv"
+    failures = []
+
+    def run_a():
+        try:
+            filter_tractogram_by_length(in_path, out, counts, min_length=50.0)
+        except TrackflowError as e:
+            failures.append(str(e))
+
+    thread = threading.Thread(target=run_a, name="run A")
+    thread.start()
+    assert a_wrote.wait(timeout=60)
+    filter_tractogram_by_length(in_path, out, counts, min_length=MIN_MM)  # run B
+    b_done.set()
+    thread.join()
+    assert len(failures) == 1 and "already exists" in failures[0]
+    n_kept_by_b = int(np.sum(LENGTHS_MM >= MIN_MM))
+    assert pd.read_csv(counts, sep="\t").iloc[0]["n_after"] == n_kept_by_b
+    assert len(load_tractogram(str(out), "same", bbox_valid_check=False)) == n_kept_by_b
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counts.tsv", "in.trk", "out.trk"]
 
 
 # ---------------------------------------------------------------------------------------------- summary

@@ -10,6 +10,7 @@ import pytest
 from dipy.io.stateful_tractogram import Origin, Space, StatefulTractogram
 from dipy.io.streamline import save_tractogram
 
+from trackflow.cli.score import main as score_main
 from trackflow.evaluation.tractometer import GroundTruthBundle, score_streamlines
 
 SHAPE = (12, 12, 6)
@@ -77,17 +78,25 @@ def test_overreach_counts_voxels_outside_the_mask():
     assert m["F1"] == pytest.approx(2 * inside / ((inside + outside) + 12))
 
 
-def test_cli_scores_a_trk_against_mask_files(tmp_path):
+def write_world_files(folder, affine=None):
+    """The world's masks as <folder>/sub-01__<bundle>__<part>.nii.gz and its two bundles' centrelines as
+    <folder>/t.trk; returns the affine."""
     bundles, gt = make_world()
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    affine[:3, 3] = [-10, -12, 4]
+    if affine is None:
+        affine = np.diag([2.0, 2.0, 2.0, 1.0])
+        affine[:3, 3] = [-10, -12, 4]
     for b in bundles:
         for part in ("head", "tail", "mask"):
             nib.save(nib.Nifti1Image(getattr(b, part).astype(np.uint8), affine),
-                     tmp_path / f"sub-01__{b.name}__{part}.nii.gz")
+                     folder / f"sub-01__{b.name}__{part}.nii.gz")
     ref = nib.Nifti1Image(np.zeros(SHAPE, np.uint8), affine)
     sft = StatefulTractogram([gt["ax"], gt["ay"]], ref, Space.VOX, origin=Origin.TRACKVIS)
-    save_tractogram(sft, str(tmp_path / "t.trk"))
+    save_tractogram(sft, str(folder / "t.trk"))
+    return affine
+
+
+def test_cli_scores_a_trk_against_mask_files(tmp_path):
+    write_world_files(tmp_path)
     out = tmp_path / "scores.json"
     cmd = [sys.executable, "-m", "trackflow.cli.score", str(tmp_path / "t.trk"), str(tmp_path), str(out),
            "--dilate_endpoints", "0"]
@@ -105,3 +114,41 @@ def test_missing_ground_truth_is_a_clean_error(tmp_path):
                         str(tmp_path), str(tmp_path / "o.json")], capture_output=True, text=True)
     assert r.returncode != 0 and "no ground-truth bundles" in r.stderr
     assert not (tmp_path / "o.json").exists()
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:40])
+
+
+def _empty_mask(path):
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), path)
+
+
+def _trk_on_another_grid(path):
+    ref = nib.Nifti1Image(np.zeros((20, 20, 10), np.uint8), np.eye(4))
+    save_tractogram(StatefulTractogram([make_world()[1]["ax"]], ref, Space.VOX, origin=Origin.TRACKVIS),
+                    str(path))
+
+
+@pytest.mark.parametrize("name,change,extra,message", [
+    ("sub-01__ay__mask.nii.gz", _truncate, [], "cannot read ground-truth mask"),
+    ("sub-01__ay__tail.nii.gz", _empty_mask, [], "tail of ground-truth bundle ay is empty"),
+    ("t.trk", _trk_on_another_grid, [], "is not on the grid"),
+    (None, None, ["--dilate_endpoints", "-3"], "--dilate_endpoints must be >= 0"),
+    (None, None, ["--same_output"], "is the same file as input"),
+])
+def test_score_refuses_bad_ground_truth_tractogram_or_options(tmp_path, capsys, name, change, extra, message):
+    write_world_files(tmp_path)
+    if change is not None:
+        change(tmp_path / name)
+    out = tmp_path / "scores.json"
+    if extra == ["--same_output"]:
+        out, extra = tmp_path / "t.trk", ["-f"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        score_main([str(tmp_path / "t.trk"), str(tmp_path), str(out), *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -1,9 +1,12 @@
 """Tracking CLIs on the tiny demo cohort with tiny random-weight models (l2t and TTO)."""
 
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import h5py
 import nibabel as nib
 import numpy as np
 import pytest
@@ -11,8 +14,11 @@ import torch
 from dipy.io.streamline import load_tractogram
 from dipy.tracking.streamlinespeed import length
 
+import trackflow.data.tractograms
 from trackflow.cli.track import l2t_main, tt_main
 from trackflow.data.hdf5.reader import HDF5Cohort
+from trackflow.errors import TrackflowError
+from trackflow.tracking.run import TrackingOptions, track_from_experiment
 from trackflow.models.l2t import Learn2TrackModel
 from trackflow.models.transformers import OriginalTransformerModel
 
@@ -46,10 +52,10 @@ def l2t_model(nb_features, **overrides):
     return steer_towards_x(model) if params["dg_key"] == HEAD["dg_key"] else model
 
 
-def tto_model(nb_features):
+def tto_model(nb_features, max_len=400):
     torch.manual_seed(0)
     return steer_towards_x(OriginalTransformerModel(
-        nb_features=nb_features, step_size=1.0, max_len=400, n_layers_e=1, n_layers_d=1, nheads=2,
+        nb_features=nb_features, step_size=1.0, max_len=max_len, n_layers_e=1, n_layers_d=1, nheads=2,
         input_embedded_size=8, ffnn_hidden_size=8, dropout_rate=0.0, input_embedding_key="nn_embedding",
         **HEAD).eval())
 
@@ -64,6 +70,7 @@ def world(tiny_hdf5, make_experiment, tmp_path_factory):
     return {"root": root, "hdf5": tiny_hdf5, "wm": wm, "affine": affine,
             "l2t": make_experiment(root / "l2t", l2t_model(nb_features)),
             "tto": make_experiment(root / "tto", tto_model(nb_features)),
+            "tto_max_len_200": make_experiment(root / "tto_max_len_200", tto_model(nb_features, max_len=200)),
             "l2t_regression": make_experiment(
                 root / "l2t_regression",
                 l2t_model(nb_features, dg_key="cosine-regression", dg_args={"add_eos": False}))}
@@ -168,6 +175,9 @@ def test_compress_trx_tck_and_seeds(world, tmp_path):
     (["--experiment", "l2t_regression", "--algo", "prob"], "sampl"),
     (["--experiment", "tto"], "tt_track_from_model"),
     (["--seeding", "streamlines"], "type"),
+    (["--theta", "-10"], "--theta"),
+    (["--step_size", "2", "--max_length", "1.5", "--min_length", "0"], "shorter than one step"),
+    (["--max_length", "0.5", "--min_length", "0"], "shorter than one step"),  # the model's 1 mm step
 ])
 def test_bad_input_gives_one_line_and_no_output(world, tmp_path, capsys, args, message):
     options = dict(zip(args[::2], args[1::2]))
@@ -184,3 +194,107 @@ def test_bad_input_gives_one_line_and_no_output(world, tmp_path, capsys, args, m
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and message in err[-1]
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_tt_model_too_short_for_max_length_is_refused_with_the_length_that_fits(world, tmp_path, capsys):
+    out = tmp_path / "tt.trk"
+    argv = [str(world["tto_max_len_200"]), SUBJECT, "input", str(out), "interface_mask", "--nt", "5"]
+    with pytest.raises(SystemExit) as exit_info:
+        tt_main(argv)  # default --max_length 300 mm at the model's 1 mm step: 301 points
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max_len is 200" in err[0] and "--max_length 199 or less" in err[0]
+    assert not list(tmp_path.iterdir())
+    tt_main(argv + ["--max_length", "199", "--min_length", "0"])  # what the message says fits, fits
+    assert len(nib.streamlines.load(str(out)).streamlines) == 5
+
+
+def hdf5_with_mask(world, tmp_path, group, volume):
+    """A copy of the tiny hdf5 whose ``group`` of SUBJECT holds ``volume`` [X, Y, Z, F]."""
+    path = tmp_path / "changed.hdf5"
+    shutil.copyfile(world["hdf5"], path)
+    with h5py.File(path, "r+") as f:
+        del f[SUBJECT][group]["data"]
+        f[SUBJECT][group]["data"] = volume.astype(np.float32)
+    return path
+
+
+@pytest.mark.parametrize("group,flag", [("wm_mask", "--tracking_mask_group"), ("interface_mask", None)])
+@pytest.mark.parametrize("fault,message", [("nan", "non-finite values"), ("two_volumes", "holds 2 volumes")])
+def test_mask_group_with_nan_or_several_volumes_is_refused(world, tmp_path, capsys, group, flag, fault,
+                                                           message):
+    with HDF5Cohort(world["hdf5"]) as cohort:
+        mask = cohort.read_volume(SUBJECT, group).data
+    bad = np.where(mask > 0, np.nan, mask) if fault == "nan" else np.concatenate([mask, 1 - mask], axis=3)
+    hdf5 = hdf5_with_mask(world, tmp_path, group, bad)
+    out = tmp_path / "out" / "masked.trk"
+    argv = [str(world["l2t"]), SUBJECT, "input", str(out), "interface_mask", "--hdf5_file", str(hdf5),
+            "--subset", "training", "--nt", "5"] + ([flag, group] if flag else [])
+    with pytest.raises(SystemExit) as exit_info:
+        l2t_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    role = "tracking" if flag else "seeding"
+    assert len(err) == 1 and message in err[0] and f"{role} mask group '{group}'" in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extension", ["trk", "tck", "trx"])
+def test_no_survivor_writes_an_empty_tractogram_and_says_so(world, tmp_path, capsys, extension):
+    out = tmp_path / f"empty.{extension}"
+    # Streamlines in the tiny volume's WM mask are far shorter than 290 mm: none is kept.
+    run_l2t(world, out, "--nt", "10", "--min_length", "290", "--max_length", "300")
+    err = capsys.readouterr().err
+    assert err.count("wrote an empty tractogram") == 1
+    reference = nib.Nifti1Image(np.zeros((2, 2, 2)), world["affine"])
+    sft = load_tractogram(str(out), "same" if extension != "tck" else reference, bbox_valid_check=False)
+    assert len(sft.streamlines) == 0
+
+
+def test_an_output_that_is_a_directory_is_refused(world, tmp_path, capsys):
+    out = tmp_path / "out.trk"
+    out.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        run_l2t(world, out, "--nt", "5")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: output {out} is a directory"
+    assert out.is_dir() and not list(out.iterdir())
+
+
+def test_of_two_runs_racing_for_a_new_output_the_second_to_finish_fails(world, tmp_path, monkeypatch):
+    """Run A writes its temporary and waits; run B, started on the same absent output, completes; then A
+    must fail at its final rename instead of replacing B's tractogram."""
+    real_save = trackflow.data.tractograms.save_tractogram
+    a_wrote, b_done = threading.Event(), threading.Event()
+
+    def save_then_wait_for_b(sft, filename, **kwargs):
+        real_save(sft, filename, **kwargs)
+        if threading.current_thread().name == "run A":
+            a_wrote.set()
+            b_done.wait(timeout=120)
+
+    monkeypatch.setattr(trackflow.data.tractograms, "save_tractogram", save_then_wait_for_b)
+    out = tmp_path / "raced.trk"
+
+    def run(nt):
+        return track_from_experiment("l2t", world["l2t"], SUBJECT, "input", out, "interface_mask",
+                                     TrackingOptions(hdf5_file=world["hdf5"], nt=nt, min_length=0, rng_seed=1))
+
+    failures = []
+    thread = threading.Thread(target=lambda: failures.append(_raises(run, 3)), name="run A")
+    thread.start()
+    assert a_wrote.wait(timeout=120)
+    run(7)  # run B
+    b_done.set()
+    thread.join()
+    assert failures == ["already exists"]
+    assert len(nib.streamlines.load(str(out)).streamlines) == 7  # B's result stands
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raced.trk"]
+
+
+def _raises(func, *args):
+    try:
+        func(*args)
+    except TrackflowError as e:
+        return "already exists" if "already exists" in str(e) else str(e)
+    return None

@@ -4,6 +4,9 @@ Per-point losses are recomputed independently of the loader: resampling by dipy,
 ``compute_inputs``, targets as differences of consecutive points, loss by the head.
 """
 
+import shutil
+
+import h5py
 import matplotlib
 import numpy as np
 import pytest
@@ -246,6 +249,46 @@ def test_bad_input_one_line_no_output(world, tmp_path, capsys, experiment, optio
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def _fails_with_one_line(argv, capsys, message):
+    with pytest.raises(SystemExit) as exit_info:
+        l2t_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_a_corrupted_object_header_in_the_hdf5_is_one_line(world, tmp_path, capsys):
+    hdf5 = tmp_path / "damaged.hdf5"
+    shutil.copyfile(world["hdf5"], hdf5)
+    with h5py.File(hdf5, "r") as f:
+        header = h5py.h5o.get_info(f[f"{SUBJECT}/input/data"].id).addr
+    with open(hdf5, "r+b") as f:
+        f.seek(header)
+        f.write(b"\xff" * 64)
+    _fails_with_one_line([str(world["l2t_eos"]), str(hdf5), SUBJECT, "input", "--streamlines_group", "streamlines",
+                          "--subset", "training", "--compute_histogram", "--out_dir", str(tmp_path / "out")],
+                         capsys, f"cannot read {hdf5}")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_an_output_that_is_the_input_tractogram_is_refused(world, tmp_path, capsys):
+    reference = tmp_path / "x_colored_loss.trk"
+    save_tractogram(world["sft"], str(reference), bbox_valid_check=False)
+    before = reference.read_bytes()
+    _fails_with_one_line([str(world["l2t_eos"]), str(world["hdf5"]), SUBJECT, "input", "--streamlines_file",
+                          str(reference), "--save_colored_tractogram", "--out_dir", str(tmp_path), "--out_prefix",
+                          "x", "-f"], capsys, "is the same file as input")
+    assert reference.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [reference.name]
+
+
+def test_outputs_appear_together_or_not_at_all(world, tmp_path, capsys):
+    # The histogram can be drawn; the loss colours cannot (a range minimum above every loss): nothing is left.
+    _fails_with_one_line([str(world["l2t_eos"]), str(world["hdf5"]), SUBJECT, "input", "--streamlines_group",
+                          "streamlines", "--subset", "training", "--compute_histogram", "--save_colored_tractogram",
+                          "--min_range", "1e6", "--out_dir", str(tmp_path)], capsys, "colour range minimum")
+    assert not list(tmp_path.iterdir())
 
 
 def test_existing_output_needs_overwrite(world, tmp_path, capsys):

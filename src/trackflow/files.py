@@ -17,10 +17,24 @@ from pathlib import Path
 from trackflow.errors import TrackflowError
 
 
-def check_outputs(paths, overwrite: bool) -> None:
-    """Refuse to clobber existing outputs unless ``-f`` was given."""
+def check_outputs(paths, overwrite: bool, inputs=(), directories: bool = False) -> None:
+    """Refuse outputs that cannot be written whole: existing ones without ``-f``, two outputs (or an output
+    and one of ``inputs``) on the same file, and an existing folder under a file's name.
+
+    ``directories=True`` says the outputs are folders (``atomic_directory``): then an existing folder is
+    the previous result, replaceable with ``-f``. ``None`` entries (options not given) are skipped.
+    """
+    claimed = {Path(p).resolve(): f"input {p}" for p in inputs if p is not None}
     for p in paths:
-        if p is not None and Path(p).exists() and not overwrite:
+        if p is None:
+            continue
+        resolved = Path(p).resolve()
+        if resolved in claimed:
+            raise TrackflowError(f"output {p} is the same file as {claimed[resolved]}")
+        claimed[resolved] = f"output {p}"
+        if Path(p).is_dir() and not directories:
+            raise TrackflowError(f"output {p} is a directory")
+        if Path(p).exists() and not overwrite:
             raise TrackflowError(f"output {p} already exists (use -f to overwrite)")
 
 

@@ -25,9 +25,9 @@ def build_parser():
 
 
 def score(args):
-    check_outputs([args.out_json], args.overwrite)
+    check_outputs([args.out_json], args.overwrite, inputs=[args.in_tractogram])
     metrics = score_tractogram_file(args.in_tractogram, args.bundles_dir, args.dilate_endpoints)
-    with atomic_output(args.out_json) as tmp:
+    with atomic_output(args.out_json, overwrite=args.overwrite) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2))
     logging.getLogger("trackflow").info(
         "VB %d/%d, IB %d, VS %.1f%%, IS %.1f%%, OL %.2f, OR %.2f, F1 %.2f", metrics["VB"],

@@ -492,7 +492,7 @@ def make_demo_cohort(out_dir, n_subjects: int = 4, seed: int = 0,
         raise TrackflowError(f"streamlines per bundle must be at least 1, got {streamlines_per_bundle}")
     if len(shape) != 3 or min(shape[:2]) < 16 or shape[2] < 8:
         raise TrackflowError(f"the demo shape must be 3 sizes, at least 16x16x8 voxels, got {shape}")
-    check_outputs([out_dir], force)
+    check_outputs([out_dir], force, directories=True)
     if out_dir.exists() and not _is_replaceable_cohort(out_dir):
         raise TrackflowError(f"refusing to overwrite {out_dir}: it is neither empty nor a demo cohort")
 

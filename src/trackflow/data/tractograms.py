@@ -32,22 +32,30 @@ def check_tractogram_path(path, save_seeds: bool = False) -> None:
 def load_tractogram_file(path, reference=None) -> StatefulTractogram:
     """A .trk, .trx or .tck (``reference`` needed for .tck only) as a dipy StatefulTractogram.
 
-    Unreadable or incompatible files raise ``TrackflowError``; no bounding-box check (tracked streamlines
-    may end one step outside the volume).
+    Unreadable files, and a .trk whose header is not the grid of a given ``reference``, raise
+    ``TrackflowError``; no bounding-box check (tracked streamlines may end one step outside the volume).
     """
     path = Path(path)
     if not path.is_file():
         raise TrackflowError(f"tractogram {path} does not exist")
     if path.suffix.lower() == ".tck" and reference is None:
         raise TrackflowError(f"{path} is a .tck file: give --reference (an image of its grid)")
+    dipy_logger = logging.getLogger("dipy")
+    level = dipy_logger.level
+    dipy_logger.setLevel(logging.CRITICAL)  # its header-mismatch lines would repeat our one-line error
     try:
-        return load_tractogram(str(path), reference if reference is not None else "same", bbox_valid_check=False)
+        sft = load_tractogram(str(path), reference if reference is not None else "same", bbox_valid_check=False)
     except Exception as e:  # dipy raises many types for unreadable or incompatible files
         raise TrackflowError(f"cannot read tractogram {path}: {e}") from None
+    finally:
+        dipy_logger.setLevel(level)
+    if sft is False:  # dipy's answer to a .trk header that does not match the reference
+        raise TrackflowError(f"tractogram {path} is not on the grid of the reference image")
+    return sft
 
 
 def save_tractogram_file(path, streamlines, reference: nib.Nifti1Image, seeds: np.ndarray | None = None,
-                         data_per_point: dict | None = None) -> None:
+                         data_per_point: dict | None = None, overwrite: bool = True) -> None:
     """Write vox/corner streamlines with the reference's header, atomically.
 
     Parameters
@@ -63,6 +71,8 @@ def save_tractogram_file(path, streamlines, reference: nib.Nifti1Image, seeds: n
         (minus 0.5).
     data_per_point : dict or None
         Name -> values of every point in streamline order, [sum T_b] or [sum T_b, K]; stored as float32.
+    overwrite : bool
+        False: refuse an existing ``path``, atomically at the final rename (two runs racing for one output).
     """
     streamlines = streamlines if isinstance(streamlines, ArraySequence) else ArraySequence(streamlines)
     points = streamlines.get_data()  # compact copy, so that row i of data_per_point is point i
@@ -74,6 +84,6 @@ def save_tractogram_file(path, streamlines, reference: nib.Nifti1Image, seeds: n
     dps = {"seeds": (seeds - 0.5).astype(np.float32)} if seeds is not None else {}
     sft = StatefulTractogram(array_sequence_from_parts(points, offsets, lengths), reference, Space.VOX,
                              origin=Origin.TRACKVIS, data_per_streamline=dps, data_per_point=dpp)
-    with atomic_output(path) as tmp:
+    with atomic_output(path, overwrite=overwrite) as tmp:
         save_tractogram(sft, str(tmp), bbox_valid_check=False)
     LOGGER.info("wrote %s", path)

@@ -13,7 +13,7 @@ import pandas as pd
 from dipy.io.streamline import save_tractogram
 
 from trackflow.data.streamlines import euclidean_lengths
-from trackflow.data.tractograms import load_tractogram_file
+from trackflow.data.tractograms import check_tractogram_path, load_tractogram_file
 from trackflow.errors import TrackflowError
 from trackflow.files import atomic_output, check_inputs, check_outputs
 
@@ -57,7 +57,8 @@ def filter_tractogram_by_length(in_tractogram, out_tractogram, out_counts, min_l
     """
     in_tractogram, out_tractogram, out_counts = Path(in_tractogram), Path(out_tractogram), Path(out_counts)
     check_inputs([in_tractogram, reference])
-    check_outputs([out_tractogram, out_counts], overwrite)
+    check_tractogram_path(out_tractogram)
+    check_outputs([out_tractogram, out_counts], overwrite, inputs=[in_tractogram, reference])
     if not 0 <= min_length <= max_length:
         raise TrackflowError(f"lengths must satisfy 0 <= --minL <= --maxL, got {min_length} and {max_length}")
     if out_tractogram.suffix.lower() == ".tck" and in_tractogram.suffix.lower() != ".tck":
@@ -76,10 +77,12 @@ def filter_tractogram_by_length(in_tractogram, out_tractogram, out_counts, min_l
            "model": model if model is not None else in_tractogram.name.split(".")[0],
            "n_before": len(lengths_before), "n_after": len(lengths_after),
            **_length_stats(lengths_before, "before"), **_length_stats(lengths_after, "after")}
-    with atomic_output(out_tractogram) as tmp:
-        save_tractogram(filtered, str(tmp), bbox_valid_check=False)
-    with atomic_output(out_counts) as tmp:
-        pd.DataFrame([row], columns=KEYS + COUNT_COLUMNS).to_csv(tmp, sep="\t", index=False, na_rep="NA")
+    # Both written before either is renamed into place: they appear together or not at all.
+    with (atomic_output(out_tractogram, overwrite=overwrite) as tmp_tractogram,
+          atomic_output(out_counts, overwrite=overwrite) as tmp_counts):
+        save_tractogram(filtered, str(tmp_tractogram), bbox_valid_check=False)
+        pd.DataFrame([row], columns=KEYS + COUNT_COLUMNS).to_csv(tmp_counts, sep="\t", index=False,
+                                                                 na_rep="NA")
     LOGGER.info("kept %d of %d streamlines (%g-%g mm): %s", row["n_after"], row["n_before"], min_length,
                 max_length, out_tractogram)
     return row

@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import binary_dilation
 
+from trackflow.data.tractograms import load_tractogram_file
 from trackflow.errors import TrackflowError
 
 # Streamlines are densified so that consecutive samples are at most this far apart (voxels): the voxels a
@@ -45,6 +46,8 @@ def load_ground_truth(bundles_dir, dilate_endpoints: int = 1):
     ``dilate_endpoints`` voxels: trackers stop on the first point outside the tracking mask, one voxel
     beyond the ground-truth endpoints.
     """
+    if dilate_endpoints < 0:
+        raise TrackflowError(f"--dilate_endpoints must be >= 0 voxels, got {dilate_endpoints}")
     bundles_dir = Path(bundles_dir)
     heads = sorted(bundles_dir.glob("*__head.nii.gz"))
     if not heads:
@@ -52,25 +55,35 @@ def load_ground_truth(bundles_dir, dilate_endpoints: int = 1):
     bundles, reference = [], None
     for head_path in heads:
         stem = head_path.name[: -len("__head.nii.gz")]
-        images = {}
+        name = stem.split("__", 1)[1] if "__" in stem else stem
+        images, data = {}, {}
         for part in ("head", "tail", "mask"):
-            path = bundles_dir / f"{stem}__{part}.nii.gz"
-            if not path.exists():
-                raise TrackflowError(f"missing ground-truth file {path}")
-            images[part] = nib.load(path)
+            images[part], data[part] = _read_mask(bundles_dir / f"{stem}__{part}.nii.gz")
+            if not data[part].any():
+                raise TrackflowError(f"the {part} of ground-truth bundle {name} is empty "
+                                     f"({stem}__{part}.nii.gz has no voxel > 0)")
         if reference is None:
             reference = images["mask"]
         for part, img in images.items():
             if img.shape[:3] != reference.shape[:3] or not np.allclose(img.affine, reference.affine,
                                                                            atol=1e-4):
                 raise TrackflowError(f"{stem}__{part}.nii.gz does not share the grid of the other masks")
-        data = {part: np.asanyarray(img.dataobj) > 0 for part, img in images.items()}
         if dilate_endpoints > 0:
             for part in ("head", "tail"):
                 data[part] = binary_dilation(data[part], iterations=dilate_endpoints)
-        name = stem.split("__", 1)[1] if "__" in stem else stem
         bundles.append(GroundTruthBundle(name, data["head"], data["tail"], data["mask"]))
     return bundles, reference
+
+
+def _read_mask(path: Path):
+    """(image, voxels > 0) of a ground-truth mask file."""
+    if not path.exists():
+        raise TrackflowError(f"missing ground-truth file {path}")
+    try:
+        img = nib.load(path)
+        return img, np.asanyarray(img.dataobj) > 0
+    except Exception as e:  # nibabel, gzip and zlib raise many types for truncated or garbage files
+        raise TrackflowError(f"cannot read ground-truth mask {path}: {e}") from None
 
 
 def densify_to_voxels(streamlines_vox, shape):
@@ -194,16 +207,12 @@ def score_streamlines(streamlines_vox, bundles):
 def score_tractogram_file(tractogram_path, bundles_dir, dilate_endpoints: int = 1):
     """Load a .trk/.tck/.trx tractogram on the ground truth's grid and score it."""
     from dipy.io.stateful_tractogram import Origin, Space
-    from dipy.io.streamline import load_tractogram
 
     tractogram_path = Path(tractogram_path)
     if not tractogram_path.exists():
         raise TrackflowError(f"tractogram {tractogram_path} does not exist")
     bundles, reference = load_ground_truth(bundles_dir, dilate_endpoints)
-    try:
-        sft = load_tractogram(str(tractogram_path), reference, bbox_valid_check=False)
-    except Exception as e:  # dipy raises many types for unreadable or incompatible files
-        raise TrackflowError(f"cannot read {tractogram_path} with the ground truth as reference: {e}")
+    sft = load_tractogram_file(tractogram_path, reference)
     sft.to_vox()
     sft.to_origin(Origin.TRACKVIS)
     assert sft.space == Space.VOX

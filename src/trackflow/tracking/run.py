@@ -113,6 +113,19 @@ def max_points_for(max_length_mm: float, step_size_mm: float) -> int:
     return int(math.floor(max_length_mm / step_size_mm + 1e-6)) + 1
 
 
+def check_max_length(max_length_mm: float, step_mm: float, model_max_points: int | None) -> None:
+    """A streamline must fit one step, and the model's longest sequence (a transformer's ``max_len``)."""
+    if step_mm > max_length_mm:
+        raise TrackflowError(f"--max_length {max_length_mm:g} mm is shorter than one step ({step_mm:g} mm): "
+                             "lower --step_size or raise --max_length")
+    if model_max_points is not None and max_points_for(max_length_mm, step_mm) > model_max_points:
+        # The largest length whose max_points_for is model_max_points.
+        longest = (model_max_points - 1) * step_mm
+        raise TrackflowError(f"--max_length {max_length_mm:g} mm needs {max_points_for(max_length_mm, step_mm)} "
+                             f"points at a {step_mm:g} mm step but the model's max_len is {model_max_points}: "
+                             f"use --max_length {longest:g} or less")
+
+
 def _hdf5_path(experiment_path, hdf5_file) -> Path:
     if hdf5_file is not None:
         return Path(hdf5_file)
@@ -166,8 +179,8 @@ def read_subject_inputs(hdf5_path: Path, subj_id: str, input_group: str, seeding
         if volume.data.shape[3] != nb_features:
             raise TrackflowError(f"input group '{input_group}' has {volume.data.shape[3]} features but the "
                                  f"model expects {nb_features}")
-        seeding_mask = cohort.read_volume(subj_id, seeding_mask_group).data[..., 0]
-        tracking_mask = (cohort.read_volume(subj_id, options.tracking_mask_group).data[..., 0]
+        seeding_mask = _read_mask(cohort, subj_id, seeding_mask_group, "seeding")
+        tracking_mask = (_read_mask(cohort, subj_id, options.tracking_mask_group, "tracking")
                          if options.tracking_mask_group is not None else None)
         reference = cohort.reference_nifti(subj_id, seeding_mask_group)
 
@@ -175,6 +188,18 @@ def read_subject_inputs(hdf5_path: Path, subj_id: str, input_group: str, seeding
     if not np.allclose(voxres, voxres[0], rtol=1e-4):
         raise TrackflowError(f"tracking needs isotropic voxels, got voxel sizes {voxres.tolist()}")
     return SubjectInputs(volume, seeding_mask, tracking_mask, reference, float(voxres[0]))
+
+
+def _read_mask(cohort: HDF5Cohort, subj_id: str, group: str, role: str) -> np.ndarray:
+    """A mask group as [X, Y, Z]: one volume of finite values (NaN would count as inside everywhere)."""
+    data = cohort.read_volume(subj_id, group).data
+    if data.shape[3] != 1:
+        raise TrackflowError(f"the {role} mask group '{group}' holds {data.shape[3]} volumes, not one: "
+                             "combine the masks into one file")
+    if not np.isfinite(data).all():
+        raise TrackflowError(f"the {role} mask group '{group}' of subject {subj_id} has non-finite values "
+                             "(NaN or infinity)")
+    return data[..., 0]
 
 
 def build_tracker(model, inputs: SubjectInputs, options: TrackingOptions, step_mm: float, rng_seed: int,
@@ -197,14 +222,14 @@ def build_tracker(model, inputs: SubjectInputs, options: TrackingOptions, step_m
 
 def write_tractogram(result: TrackingResult, out_tractogram, inputs: SubjectInputs,
                      options: TrackingOptions) -> FilteredTractogram:
-    """Length-filter (after the optional compression) and write what is kept; nothing kept, no file."""
+    """Length-filter (after the optional compression) and write what is kept (nothing kept: an empty
+    tractogram, which the workflow's next steps read as such)."""
     kept = filter_streamlines(result, inputs.voxel_mm, options.min_length, options.max_length,
                               options.compress_th)
-    if len(kept.streamlines):
-        save_tractogram_file(out_tractogram, kept.streamlines, inputs.reference,
-                             kept.seeds if options.save_seeds else None)
-    else:
-        LOGGER.warning("no streamline survived: %s not written", out_tractogram)
+    save_tractogram_file(out_tractogram, kept.streamlines, inputs.reference,
+                         kept.seeds if options.save_seeds else None, overwrite=options.overwrite)
+    if not len(kept.streamlines):
+        LOGGER.warning("no streamline survived: wrote an empty tractogram %s", out_tractogram)
     return kept
 
 
@@ -226,12 +251,13 @@ def track_from_experiment(model_family: str, experiment_path, subj_id: str, inpu
     starts. Returns the run's summary (also printed on stderr).
     """
     check_tractogram_path(out_tractogram, options.save_seeds)
-    check_outputs([out_tractogram], options.overwrite)
-    device = select_device(options.use_gpu)
     hdf5_path = _hdf5_path(experiment_path, options.hdf5_file)
+    check_outputs([out_tractogram], options.overwrite, inputs=[hdf5_path])
+    device = select_device(options.use_gpu)
     model = load_experiment_model(experiment_path, use_latest_epoch=options.use_latest_epoch, device=device)
     check_model_family(type(model).__name__, model_family, "track_from_model")
     step_mm = _step_size(model, options.step_size)
+    check_max_length(options.max_length, step_mm, getattr(model, "max_len", None))
     inputs = read_subject_inputs(hdf5_path, subj_id, input_group, seeding_mask_group, options,
                                  model.nb_features)
     if options.eos_stop is not None and not getattr(model.direction_getter, "add_eos", False):

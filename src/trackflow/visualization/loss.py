@@ -6,6 +6,7 @@ output tractogram point carries the value of its row, so without EOS the last po
 (which has no target, hence no loss) is not written.
 """
 
+import contextlib
 import logging
 import os
 import sys
@@ -163,9 +164,7 @@ def displacement_lines(losses: PointLosses, ids: np.ndarray) -> tuple[list, list
 # ---------------------------------------------------------------------------------------------- outputs
 def _save_figure(fig, path: Path, keep_open: bool) -> None:
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    LOGGER.info("wrote %s", path)
+    fig.savefig(path, format="png", dpi=100)
     if not keep_open:
         plt.close(fig)
 
@@ -303,23 +302,33 @@ def visualize_loss(model_family: str, experiment_path, hdf5_file, subj_id: str, 
     has_eos = bool(model.direction_getter.add_eos)
     if options.wants_eos and not has_eos:
         raise TrackflowError("the model has no EOS output: --save_colored_eos_probs/_errors are not available")
-    paths = _planned_outputs(experiment_path, subj_id, options, has_eos)
+    paths = _planned_outputs(experiment_path, subj_id, options, has_eos,
+                             inputs=[hdf5_file, options.streamlines_file, options.reference])
 
-    with HDF5Cohort(hdf5_file) as cohort:
-        _check_cohort(cohort, hdf5_file, subj_id, input_group, options.subset, model.nb_features)
-        streamlines, preprocessing = _load_reference_streamlines(cohort, subj_id, input_group, options)
-        if len(streamlines) == 0:
-            raise TrackflowError("no reference streamline to evaluate")
-        if options.save_colored_best_and_worst is not None:
-            check_best_and_worst_count(len(streamlines))
-        grid = cohort.reference_nifti(subj_id, input_group)
-        losses = compute_point_losses(model, cohort, subj_id, input_group, streamlines, preprocessing,
-                                      options.batch_size, device,
-                                      with_directions=options.save_displacement is not None)
+    try:
+        with HDF5Cohort(hdf5_file) as cohort:
+            _check_cohort(cohort, hdf5_file, subj_id, input_group, options.subset, model.nb_features)
+            streamlines, preprocessing = _load_reference_streamlines(cohort, subj_id, input_group, options)
+            if len(streamlines) == 0:
+                raise TrackflowError("no reference streamline to evaluate")
+            if options.save_colored_best_and_worst is not None:
+                check_best_and_worst_count(len(streamlines))
+            grid = cohort.reference_nifti(subj_id, input_group)
+            losses = compute_point_losses(model, cohort, subj_id, input_group, streamlines, preprocessing,
+                                          options.batch_size, device,
+                                          with_directions=options.save_displacement is not None)
+    except (OSError, KeyError) as e:  # h5py's answer to a damaged file (a corrupted object header, say)
+        raise TrackflowError(f"cannot read {hdf5_file}: {e}") from None
 
     for line in _summary_lines(losses):
         print(line)
-    _write_outputs(losses, paths, grid, options, will_show)
+    # Every output is written under a temporary name first, then all are renamed: they appear together.
+    with contextlib.ExitStack() as staged:
+        temporaries = {name: staged.enter_context(atomic_output(path, overwrite=options.overwrite))
+                       for name, path in paths.items()}
+        _write_outputs(losses, temporaries, grid, options, will_show)
+    for path in paths.values():
+        LOGGER.info("wrote %s", path)
     if will_show:
         plt.show()
     return paths
@@ -335,14 +344,15 @@ def _choose_backend(show_now: bool) -> bool:
     return will_show
 
 
-def _planned_outputs(experiment_path, subj_id: str, options: LossVisualizationOptions, has_eos: bool) -> dict:
-    """The output paths, checked (none exists unless overwriting) before any work."""
+def _planned_outputs(experiment_path, subj_id: str, options: LossVisualizationOptions, has_eos: bool,
+                     inputs) -> dict:
+    """The output paths, checked (none exists unless overwriting, none is one of ``inputs``) before any work."""
     out_dir = Path(experiment_path) / "visu_loss" if options.out_dir is None else Path(options.out_dir)
     out_prefix = subj_id if options.out_prefix is None else options.out_prefix
     paths = output_paths(out_dir, out_prefix, options, has_eos)
     if not paths:
         raise TrackflowError("nothing to do: choose at least one output option")
-    check_outputs(paths.values(), options.overwrite)
+    check_outputs(paths.values(), options.overwrite, inputs=inputs)
     others = sorted(set(out_dir.glob(f"{out_prefix}*")) - set(paths.values())) if out_dir.is_dir() else []
     if others:
         LOGGER.info("existing files with this prefix, left untouched: %s", ", ".join(map(str, others)))
