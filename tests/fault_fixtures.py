@@ -25,6 +25,7 @@ def damaged_copy(kind: str, good: Path, dst: Path) -> Path:
     an (empty) folder where the file should be.
     """
     dst = Path(dst)
+    data = Path(good).read_bytes() if kind == "truncated" else b""  # before dst (maybe good itself) goes
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.is_symlink() or dst.is_file():
         dst.unlink()
@@ -35,7 +36,6 @@ def damaged_copy(kind: str, good: Path, dst: Path) -> Path:
     elif kind == "garbage":
         dst.write_bytes(np.random.default_rng(7).bytes(4096))
     elif kind == "truncated":
-        data = Path(good).read_bytes()
         dst.write_bytes(data[:len(data) // 2])
     elif kind == "directory":
         dst.mkdir()
