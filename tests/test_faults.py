@@ -1155,13 +1155,14 @@ def test_signal_train_sigterm_with_f_keeps_old_experiment(world, tmp_path):
     shutil_copy = __import__("shutil").copytree
     shutil_copy(world.experiments["l2t"], exps / "exp")
     old = snapshot(exps / "exp")
-    p = _train_process(world, exps, "--max_epochs", "100000", "-f")
-    # Wait until the new run is training (its first epoch log line, or its first write).
-    assert _wait_for(lambda: any(exps.glob(".*")) or snapshot(exps / "exp") != old, p, timeout=120) or True
-    time.sleep(2.0)
+    p = _train_process(world, exps, "--max_epochs", "100000", "-f", "-v")
+    first_line = p.stderr.readline()  # the first log line: imports done, run_cli's SIGTERM handler is set
+    time.sleep(2.0)  # into the training epochs (100,000 of them: it cannot finish first)
+    assert p.poll() is None, "training finished before the signal"
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=60) != 0
-    _one_error_line(p)
+    err = first_line + p.stderr.read()
+    assert err.strip().splitlines()[-1].startswith("error:") and "Traceback" not in err, err
     assert snapshot(exps / "exp") == old, "the old experiment was destroyed or changed by the interrupted -f run"
     assert not [q for q in exps.iterdir() if q.name != "exp"], f"leftovers: {list(exps.iterdir())}"
 
