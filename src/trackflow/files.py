@@ -32,10 +32,20 @@ def check_outputs(paths, overwrite: bool, inputs=(), directories: bool = False) 
         if resolved in claimed:
             raise TrackflowError(f"output {p} is the same file as {claimed[resolved]}")
         claimed[resolved] = f"output {p}"
+        _check_parent_is_a_folder(Path(p))
         if Path(p).is_dir() and not directories:
             raise TrackflowError(f"output {p} is a directory")
         if Path(p).exists() and not overwrite:
             raise TrackflowError(f"output {p} already exists (use -f to overwrite)")
+
+
+def _check_parent_is_a_folder(path: Path) -> None:
+    """The output's nearest existing ancestor must be a folder (the missing ones are created)."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TrackflowError(f"cannot write {path}: {parent} is not a directory")
+            return
 
 
 def check_inputs(paths) -> None:

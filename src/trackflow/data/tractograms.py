@@ -51,6 +51,8 @@ def load_tractogram_file(path, reference=None) -> StatefulTractogram:
         dipy_logger.setLevel(level)
     if sft is False:  # dipy's answer to a .trk header that does not match the reference
         raise TrackflowError(f"tractogram {path} is not on the grid of the reference image")
+    if not np.isfinite(sft.streamlines.get_data()).all():
+        raise TrackflowError(f"tractogram {path} has non-finite (NaN or inf) coordinates")
     return sft
 
 

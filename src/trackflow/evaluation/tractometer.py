@@ -49,12 +49,13 @@ def load_ground_truth(bundles_dir, dilate_endpoints: int = 1):
     if dilate_endpoints < 0:
         raise TrackflowError(f"--dilate_endpoints must be >= 0 voxels, got {dilate_endpoints}")
     bundles_dir = Path(bundles_dir)
-    heads = sorted(bundles_dir.glob("*__head.nii.gz"))
-    if not heads:
+    # A bundle is named by any of its three files, so that one missing file is an error, not a lost bundle.
+    stems = sorted({path.name[: -len(f"__{part}.nii.gz")] for part in ("head", "tail", "mask")
+                    for path in bundles_dir.glob(f"*__{part}.nii.gz")})
+    if not stems:
         raise TrackflowError(f"no ground-truth bundles (*__head.nii.gz) in {bundles_dir}")
     bundles, reference = [], None
-    for head_path in heads:
-        stem = head_path.name[: -len("__head.nii.gz")]
+    for stem in stems:
         name = stem.split("__", 1)[1] if "__" in stem else stem
         images, data = {}, {}
         for part in ("head", "tail", "mask"):
