@@ -48,12 +48,17 @@ class FullRecomputeModel:
         self.model = model
         self.direction_getter = model.direction_getter
 
+    tracking_window = 1  # the streamlines so far are kept in the state
+
     def new_tracking_state(self, volume, n_slots, max_points):
         return {"volume": volume,
-                "inputs": volume.new_zeros(n_slots, max_points, self.model.input_size)}  # [S, P, Fin]
+                "inputs": volume.new_zeros(n_slots, max_points, self.model.input_size),  # [S, P, Fin]
+                "points": volume.new_zeros(n_slots, max_points, 3)}  # [S, P, 3]
 
     def reset_tracking_rows(self, state, rows, points, lengths):
-        """Store the inputs of points[b, :lengths[b]-1] (dwi_ml reuses the forward half's inputs)."""
+        """Store points[b, :lengths[b]-1] and their inputs (dwi_ml reuses the forward half's inputs)."""
+        n_points = min(points.shape[1], state["points"].shape[1])
+        state["points"][rows, :n_points] = points[:, :n_points]
         is_prefix = torch.arange(points.shape[1], device=points.device)[None] < (lengths - 1)[:, None]
         if bool(is_prefix.any()):
             inputs = state["inputs"][rows]
@@ -62,13 +67,18 @@ class FullRecomputeModel:
 
     @torch.no_grad()
     def tracking_step(self, state, rows, points, lengths):
-        """points [B, T, 3], lengths [B] -> raw head output at each row's last point [B, K]."""
+        """points [B, W, 3] (each row's last points), lengths [B] -> raw head output at each row's last
+        point [B, K]."""
         batch = torch.arange(len(rows), device=rows.device)
-        state["inputs"][rows, lengths - 1] = self.model.compute_inputs(state["volume"], points[batch, lengths - 1])
-        is_real = torch.arange(points.shape[1], device=points.device)[None] < lengths[:, None]  # [B, T]
+        last = points[batch, lengths.clamp(max=points.shape[1]) - 1]
+        state["points"][rows, lengths - 1] = last
+        state["inputs"][rows, lengths - 1] = self.model.compute_inputs(state["volume"], last)
+        n_points = int(lengths.max())
+        is_real = torch.arange(n_points, device=points.device)[None] < lengths[:, None]  # [B, T]
         split = lengths.tolist()
-        inputs = state["inputs"][rows][:, :points.shape[1]][is_real]  # [sum L, Fin], row-major
-        raw = self.model(list(inputs.split(split)), list(points[is_real].split(split)))  # [sum L, K]
+        inputs = state["inputs"][rows][:, :n_points][is_real]  # [sum L, Fin], row-major
+        lines = state["points"][rows][:, :n_points][is_real]
+        raw = self.model(list(inputs.split(split)), list(lines.split(split)))  # [sum L, K]
         return raw[torch.cumsum(lengths, 0) - 1]
 
 

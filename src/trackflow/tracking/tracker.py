@@ -1,7 +1,8 @@
 """The batched tracker: one engine for every model, all state on the device, slots refilled as lines end.
 
-The tracker only knows the model's tracking interface (``docs/design.md``): ``new_tracking_state``,
-``tracking_step``, ``reset_tracking_rows`` and the head ``direction_getter``. How the head's output becomes a
+The tracker only knows the model's tracking interface (``models/base.py``, ``MainModel``):
+``new_tracking_state``, ``tracking_window``, ``tracking_step``, ``reset_tracking_rows`` and the head
+``direction_getter``. How the head's output becomes a
 direction (deterministic or sampled) is the decoder's business (``decoders.py``), where a point may go the
 stopping criterion's (``stopping.py``); seeds come from a ``SeedGenerator``.
 
@@ -197,7 +198,9 @@ class Tracker:
     Parameters
     ----------
     model : MainModel-like
-        ``new_tracking_state``, ``tracking_step``, ``reset_tracking_rows``, ``direction_getter``.
+        ``new_tracking_state``, ``tracking_window``, ``tracking_step``, ``reset_tracking_rows``,
+        ``direction_getter``. A step passes the model each row's last ``tracking_window`` points only; the
+        (rare) rebuild after turning around passes the whole padded forward half.
     volume : Tensor [X, Y, Z, F]
         Model input volume, on the tracking device.
     stopping_criterion : object with ``check_points(points[B, 3]) -> int8[B]`` (``StreamlineStatus``)
@@ -217,6 +220,7 @@ class Tracker:
         self.params = params
         self.device = volume.device
         # theta >= 180 means no angle stop (dwi_ml's generation-validation passes 360)
+        self.window = model.tracking_window
         self.cos_theta = (math.cos(math.radians(params.theta_deg)) if params.theta_deg < 180
                           else -math.inf)
 
@@ -248,9 +252,9 @@ class Tracker:
         p, s = self.params, self.slots
         row_active = s.active[rows]
         model_rows = torch.where(row_active, rows, self.scratch)
-        points = s.positions[model_rows]  # [B, T, 3]
         model_lengths = s.lengths[model_rows]  # [B]
-        raw = self.model.tracking_step(self.model_state, model_rows, points, model_lengths)
+        window = self._last_points(model_rows, model_lengths)  # [B, W, 3]
+        raw = self.model.tracking_step(self.model_state, model_rows, window, model_lengths)
 
         direction = self.decoder.directions(raw, s.seed_index[rows], s.step_counter[rows])
         direction = direction.to(torch.float32)
@@ -272,8 +276,16 @@ class Tracker:
         cosine = (unit * s.prev_dir[rows]).sum(dim=1)
         too_sharp = s.has_prev[rows] & (cosine < self.cos_theta) & ~no_direction
         valid = ~no_direction & ~eos & ~too_sharp
-        last = points[torch.arange(len(rows), device=rows.device), model_lengths - 1]
+        last = window[torch.arange(len(rows), device=rows.device), model_lengths.clamp(max=self.window) - 1]
         return StepProposal(row_active, last, unit, no_direction, eos, too_sharp, valid)
+
+    def _last_points(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The model's window: the last ``min(lengths[b], W)`` points of each row first, [B, W, 3] (the
+        padding after them repeats the last one). A step reads W points, whatever the streamlines' length."""
+        steps = torch.arange(self.window, device=rows.device)
+        first = (lengths - self.window).clamp(min=0)  # [B]
+        index = torch.minimum(first[:, None] + steps, lengths[:, None] - 1)  # [B, W]
+        return self.slots.positions[rows[:, None], index]
 
     def _accept_steps(self, rows: torch.Tensor, proposal: StepProposal) -> None:
         """Append the valid proposed points the stopping criterion allows, stop the rows that cannot go on
