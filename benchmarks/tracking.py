@@ -20,6 +20,8 @@ too: ``--device cpu --gpu_mode --gpu_streamlines 300 --gpu_slots 100 --gpu_layer
 """
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -262,6 +264,15 @@ def gpu_benchmark(args):
               f"({peak * 100000 / args.gpu_slots:.2f} GiB per 100,000)")
 
 
+def start_up_seconds() -> tuple[float, bool]:
+    """Seconds a fresh interpreter takes to import the tracking CLIs' module, and whether vtk came with it."""
+    code = "import sys, time; t = time.perf_counter(); import trackflow.cli.track; " \
+           "print(time.perf_counter() - t, 'vtk' in sys.modules)"
+    seconds, vtk = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  check=True).stdout.split()
+    return float(seconds), vtk == "True"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -280,6 +291,8 @@ def main():
                    help="torch CPU threads (1: stable figures on a shared machine).")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    seconds, vtk = start_up_seconds()
+    print(f"start-up: import trackflow.cli.track {seconds:.2f} s ({'with' if vtk else 'without'} vtk)")
     if args.gpu_mode or args.device.startswith("cuda"):
         gpu_benchmark(args)
     else:

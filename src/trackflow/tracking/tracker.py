@@ -224,20 +224,26 @@ class Tracker:
         self.cos_theta = (math.cos(math.radians(params.theta_deg)) if params.theta_deg < 180
                           else -math.inf)
 
-    @torch.no_grad()
     def track(self, n_seeds: int, progress=None) -> TrackingResult:
         """Track seeds ``0 .. n_seeds-1``; ``progress`` (e.g. tqdm) gets ``update(n)`` per finished batch."""
+        return self.track_range(0, n_seeds, progress)
+
+    @torch.no_grad()
+    def track_range(self, start: int, end: int, progress=None) -> TrackingResult:
+        """Track seeds ``start .. end-1`` of the seed sequence: the same streamlines as in ``track(n)`` for any
+        n >= end (a seed's streamline depends only on its index), so ranges can be tracked apart and
+        concatenated (``concatenate_results``)."""
         p = self.params
-        n_slots = min(p.n_slots, max(n_seeds, 1))
+        n_slots = min(p.n_slots, max(end - start, 1))
         # One extra row: the scratch slot that absorbs the steps of rows stopped since the last check.
         self.model_state = self.model.new_tracking_state(self.volume, n_slots + 1, p.max_points)
         self.slots = SlotState.allocate(n_slots + 1, p.max_points, self.device)
         self.scratch = n_slots
         self._out = []
-        next_seed = 0
+        next_seed = start
         while True:
-            next_seed = self._turn_finish_and_refill(next_seed, n_seeds, n_slots, progress)
-            if next_seed >= n_seeds and not bool(self.slots.live.any()):
+            next_seed = self._turn_finish_and_refill(next_seed, end, n_slots, progress)
+            if next_seed >= end and not bool(self.slots.live.any()):
                 break
             rows = self.slots.active.nonzero().squeeze(1)  # fixed until the next check
             if len(rows):
@@ -321,10 +327,10 @@ class Tracker:
         s.active[rows] = row_active & keep_going
 
     # ---------------------------------------------------------------- the periodic host check
-    def _turn_finish_and_refill(self, next_seed: int, n_seeds: int, n_slots: int, progress) -> int:
+    def _turn_finish_and_refill(self, next_seed: int, end: int, n_slots: int, progress) -> int:
         """The host check between step blocks: turn the forward halves that ended around (when a backward
         half may follow), copy finished streamlines out and free their slots, then start seeds
-        ``next_seed, ...`` in the free slots. Returns the next seed index still to start."""
+        ``next_seed, ...`` (< end) in the free slots. Returns the next seed index still to start."""
         p, s = self.params, self.slots
         ended = s.live & ~s.active
         can_go_back = ~s.backward & (s.lengths < p.max_points)
@@ -343,7 +349,7 @@ class Tracker:
             self._turn_back(turn_rows)
 
         free = (~s.live[:n_slots]).nonzero().squeeze(1)
-        n_new = min(len(free), n_seeds - next_seed)
+        n_new = min(len(free), end - next_seed)
         if n_new > 0:
             self._start_seeds(free[:n_new], torch.arange(next_seed, next_seed + n_new, device=self.device))
         return next_seed + max(n_new, 0)
@@ -398,6 +404,12 @@ class Tracker:
         seeds = self.seeds.positions(torch.as_tensor(seed_indices, device=self.device)).cpu().numpy()
         return TrackingResult(points[gather].astype(np.float32), lengths[order], seed_indices,
                               seeds.astype(np.float32), reasons[order])
+
+
+def concatenate_results(results: list) -> TrackingResult:
+    """One ``TrackingResult`` of consecutive seed ranges' results, given in seed order."""
+    fields = ("points", "lengths", "seed_indices", "seeds", "end_reasons")
+    return TrackingResult(*(np.concatenate([getattr(r, name) for r in results]) for name in fields))
 
 
 def _stop_reasons(status: torch.Tensor, proposal: StepProposal) -> torch.Tensor:
