@@ -20,6 +20,8 @@ too: ``--device cpu --gpu_mode --gpu_streamlines 300 --gpu_slots 100 --gpu_layer
 """
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,12 +50,17 @@ class FullRecomputeModel:
         self.model = model
         self.direction_getter = model.direction_getter
 
+    tracking_window = 1  # the streamlines so far are kept in the state
+
     def new_tracking_state(self, volume, n_slots, max_points):
         return {"volume": volume,
-                "inputs": volume.new_zeros(n_slots, max_points, self.model.input_size)}  # [S, P, Fin]
+                "inputs": volume.new_zeros(n_slots, max_points, self.model.input_size),  # [S, P, Fin]
+                "points": volume.new_zeros(n_slots, max_points, 3)}  # [S, P, 3]
 
     def reset_tracking_rows(self, state, rows, points, lengths):
-        """Store the inputs of points[b, :lengths[b]-1] (dwi_ml reuses the forward half's inputs)."""
+        """Store points[b, :lengths[b]-1] and their inputs (dwi_ml reuses the forward half's inputs)."""
+        n_points = min(points.shape[1], state["points"].shape[1])
+        state["points"][rows, :n_points] = points[:, :n_points]
         is_prefix = torch.arange(points.shape[1], device=points.device)[None] < (lengths - 1)[:, None]
         if bool(is_prefix.any()):
             inputs = state["inputs"][rows]
@@ -62,13 +69,18 @@ class FullRecomputeModel:
 
     @torch.no_grad()
     def tracking_step(self, state, rows, points, lengths):
-        """points [B, T, 3], lengths [B] -> raw head output at each row's last point [B, K]."""
+        """points [B, W, 3] (each row's last points), lengths [B] -> raw head output at each row's last
+        point [B, K]."""
         batch = torch.arange(len(rows), device=rows.device)
-        state["inputs"][rows, lengths - 1] = self.model.compute_inputs(state["volume"], points[batch, lengths - 1])
-        is_real = torch.arange(points.shape[1], device=points.device)[None] < lengths[:, None]  # [B, T]
+        last = points[batch, lengths.clamp(max=points.shape[1]) - 1]
+        state["points"][rows, lengths - 1] = last
+        state["inputs"][rows, lengths - 1] = self.model.compute_inputs(state["volume"], last)
+        n_points = int(lengths.max())
+        is_real = torch.arange(n_points, device=points.device)[None] < lengths[:, None]  # [B, T]
         split = lengths.tolist()
-        inputs = state["inputs"][rows][:, :points.shape[1]][is_real]  # [sum L, Fin], row-major
-        raw = self.model(list(inputs.split(split)), list(points[is_real].split(split)))  # [sum L, K]
+        inputs = state["inputs"][rows][:, :n_points][is_real]  # [sum L, Fin], row-major
+        lines = state["points"][rows][:, :n_points][is_real]
+        raw = self.model(list(inputs.split(split)), list(lines.split(split)))  # [sum L, K]
         return raw[torch.cumsum(lengths, 0) - 1]
 
 
@@ -252,6 +264,15 @@ def gpu_benchmark(args):
               f"({peak * 100000 / args.gpu_slots:.2f} GiB per 100,000)")
 
 
+def start_up_seconds() -> tuple[float, bool]:
+    """Seconds a fresh interpreter takes to import the tracking CLIs' module, and whether vtk came with it."""
+    code = "import sys, time; t = time.perf_counter(); import trackflow.cli.track; " \
+           "print(time.perf_counter() - t, 'vtk' in sys.modules)"
+    seconds, vtk = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  check=True).stdout.split()
+    return float(seconds), vtk == "True"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -270,6 +291,8 @@ def main():
                    help="torch CPU threads (1: stable figures on a shared machine).")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    seconds, vtk = start_up_seconds()
+    print(f"start-up: import trackflow.cli.track {seconds:.2f} s ({'with' if vtk else 'without'} vtk)")
     if args.gpu_mode or args.device.startswith("cuda"):
         gpu_benchmark(args)
     else:

@@ -54,25 +54,30 @@ class FieldModel:
         return {"consumed": torch.zeros(n_slots, dtype=torch.long), "last": torch.zeros(n_slots, 3),
                 "scratch": n_slots - 1}
 
-    def _check_invariant(self, state, rows, points, lengths):
+    tracking_window = 2  # the last point and the one before it
+
+    def _check_invariant(self, state, rows, points, lengths, in_window):
         real = rows != state["scratch"]
         assert torch.equal(state["consumed"][rows][real], (lengths - 1)[real])
         has_prefix = real & (lengths >= 2)
         idx = torch.arange(len(rows))[has_prefix]
-        assert torch.equal(state["last"][rows[has_prefix]], points[idx, lengths[has_prefix] - 2])
+        assert torch.equal(state["last"][rows[has_prefix]], points[idx, in_window[has_prefix] - 2])
 
     def tracking_step(self, state, rows, points, lengths):
         self.calls += 1
-        self._check_invariant(state, rows, points, lengths)
+        # the tracker passes the window only, whatever the streamlines' lengths
+        assert points.shape == (len(rows), self.tracking_window, 3)
+        in_window = lengths.clamp(max=points.shape[1])
+        self._check_invariant(state, rows, points, lengths, in_window)
         b = torch.arange(len(rows))
-        last = points[b, lengths - 1]
+        last = points[b, in_window - 1]
         state["consumed"][rows] = lengths
         state["last"][rows] = last
         voxel = torch.floor(last).long()
         for axis, size in enumerate(self.field.shape[:3]):
             voxel[:, axis] = voxel[:, axis].clamp(0, size - 1)
         direction = self.field[voxel[:, 0], voxel[:, 1], voxel[:, 2]]
-        segment = last - points[b, (lengths - 2).clamp(min=0)]
+        segment = last - points[b, (in_window - 2).clamp(min=0)]
         flip = (direction * segment).sum(dim=1) < 0
         direction = torch.where(flip[:, None], -direction, direction)
         eos = self.eos_mask[voxel[:, 0], voxel[:, 1], voxel[:, 2]]

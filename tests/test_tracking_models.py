@@ -112,3 +112,34 @@ def test_l2t_tracking_is_bit_identical_for_any_slot_count(rnn_key, algo, dg_key)
     for other in results[1:]:
         np.testing.assert_array_equal(other.lengths, results[0].lengths)
         assert torch.equal(torch.from_numpy(other.points), torch.from_numpy(results[0].points))
+
+
+L2T_WINDOWS = {f"l2t-{rnn}-prev{n}": (lambda rnn=rnn, n=n: Learn2TrackModel(
+    nb_features=NB_FEATURES, step_size=0.5, input_embedding_key="nn_embedding", input_embedded_size=8,
+    nb_previous_dirs=n, rnn_key=rnn, rnn_layer_sizes=[8, 6], **HEAD)) for rnn, n in (("gru", 0), ("lstm", 2))}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS) + sorted(L2T_WINDOWS))
+@torch.no_grad()  # as the tracker
+def test_a_step_on_the_last_points_equals_a_step_on_the_whole_streamline(name):
+    # what the tracker passes (the model's tracking_window points) gives bit for bit what the whole
+    # padded history gives
+    torch.manual_seed(3)
+    model = {**TRANSFORMERS, **L2T_WINDOWS}[name]().eval()
+    window = model.tracking_window
+    volume, _ = world()
+    generator = torch.Generator().manual_seed(3)
+    n_rows, n_points = 5, 9
+    lines = 3.0 + torch.cumsum(0.4 * torch.rand(n_rows, n_points, 3, generator=generator), dim=1)
+    start = torch.tensor([1, 1, 2, 1, 3])  # ragged: row b starts with start[b] points
+    whole, tail = (model.new_tracking_state(volume, n_rows, n_points) for _ in range(2))
+    rows = torch.arange(n_rows)
+    for state in (whole, tail):
+        model.reset_tracking_rows(state, rows, lines, start)
+    for step in range(n_points - 3):
+        lengths = start + step
+        first = (lengths - window).clamp(min=0)
+        index = torch.minimum(first[:, None] + torch.arange(window), lengths[:, None] - 1)
+        expected = model.tracking_step(whole, rows, lines, lengths)
+        got = model.tracking_step(tail, rows, lines[rows[:, None], index], lengths)
+        assert torch.equal(got, expected)

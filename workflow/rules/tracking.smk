@@ -1,29 +1,64 @@
 # Tracking of every subject with every model, then length filtering of the tractograms.
 
 
+CHUNKS = int(TRACKING["chunks"])
+if CHUNKS > 1 and TRACKING["nt"] is None:
+    raise WorkflowError("config tracking: chunks > 1 needs nt (the seed count of each chunk's range).")
+# Seed ranges [a, b) of the chunks: consecutive, together all nt seeds.
+CHUNK_BOUNDS = [TRACKING["nt"] * k // CHUNKS for k in range(CHUNKS + 1)] if CHUNKS > 1 else None
+TRACK_OUTPUT = (f"results/tracking/{{subject}}/{{model}}.{EXT}" if CHUNKS == 1
+                else f"results/tracking/{{subject}}/chunks/{{model}}_{{chunk}}.{EXT}")
+LOG_NAME = "{subject}/{model}" if CHUNKS == 1 else "{subject}/{model}_{chunk}"
+
+
 rule track:
     input:
         experiment=experiment_dir,
         hdf5="results/hdf5/cohort.hdf5",
     output:
-        f"results/tracking/{{subject}}/{{model}}.{EXT}",
+        TRACK_OUTPUT if CHUNKS == 1 else temp(TRACK_OUTPUT),
     params:
         script=model_script("track_from_model"),
         input_group=lambda wildcards: MODELS[wildcards.model]["input_group"],
         seeding_mask_group=TRACKING["seeding_mask_group"],
         options=tracking_options(),
+        seed_range=lambda wildcards: (f"--seed_range {CHUNK_BOUNDS[int(wildcards.chunk)]}"
+                                      f" {CHUNK_BOUNDS[int(wildcards.chunk) + 1]}" if CHUNKS > 1 else ""),
+        # as many processes as the job's threads (the CLI's default is every core of the machine)
+        processes="" if n_gpu(TRACKING) else "--processes 1",
     resources:
         gpu=n_gpu(TRACKING),
     threads: 1
     log:
-        "logs/tracking/{subject}/{model}.log",
+        f"logs/tracking/{LOG_NAME}.log",
     benchmark:
-        "benchmarks/tracking/{subject}/{model}.tsv"
+        f"benchmarks/tracking/{LOG_NAME}.tsv"
     conda:
         "../../envs/trackflow.yaml"
     shell:
         "{params.script} {input.experiment} {wildcards.subject} {params.input_group} {output}"
-        " {params.seeding_mask_group} --hdf5_file {input.hdf5} {params.options} -v INFO > {log} 2>&1"
+        " {params.seeding_mask_group} --hdf5_file {input.hdf5} {params.options} {params.seed_range}"
+        " {params.processes} -v INFO > {log} 2>&1"
+
+
+if CHUNKS > 1:
+
+    rule merge_tracking_chunks:
+        input:
+            expand(f"results/tracking/{{{{subject}}}}/chunks/{{{{model}}}}_{{chunk}}.{EXT}",
+                   chunk=range(CHUNKS)),
+        output:
+            f"results/tracking/{{subject}}/{{model}}.{EXT}",
+        log:
+            "logs/tracking/{subject}/{model}_merge.log",
+        # the file the cohort summary reads; with chunks it times the merge only (the chunks' own times are
+        # in benchmarks/tracking/{subject}/{model}_{chunk}.tsv)
+        benchmark:
+            "benchmarks/tracking/{subject}/{model}.tsv"
+        conda:
+            "../../envs/trackflow.yaml"
+        shell:
+            "trackflow_merge_tractograms {output} {input} -f -v INFO > {log} 2>&1"
 
 
 rule filter_by_length:

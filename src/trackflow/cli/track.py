@@ -81,6 +81,14 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         help="Track on the GPU (CUDA); falls back to the CPU with a warning.")
     device.add_argument("--simultaneous_tracking", type=positive_int, default=defaults.simultaneous_tracking,
                         help="Streamlines tracked at once (slots of the batched tracker).")
+    device.add_argument("--processes", type=positive_int,
+                        help="CPU processes sharing the seeds, one torch thread each; the same streamlines "
+                             "for any number [every core the job was given: CPU affinity or "
+                             "SLURM_CPUS_PER_TASK]. Not with --use_gpu.")
+    seeding.add_argument("--seed_range", type=int, nargs=2, metavar=("START", "END"),
+                         help="Track only seeds START..END-1 of this run's seed sequence (same --rng_seed and "
+                              "seed count): chunks that trackflow_merge_tractograms joins, in order, into the "
+                              "whole run's tractogram [all seeds].")
 
     add_overwrite_arg(p)
     add_verbose_arg(p)

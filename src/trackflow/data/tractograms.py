@@ -7,9 +7,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import trx.trx_file_memmap as tmm
 from dipy.io.stateful_tractogram import Origin, Space, StatefulTractogram
-from dipy.io.streamline import load_tractogram, save_tractogram
-from nibabel.streamlines import ArraySequence
+from dipy.io.utils import create_tractogram_header
+from nibabel.streamlines import ArraySequence, Tractogram, detect_format
 
 from trackflow.data.streamlines import array_sequence_from_parts, offsets_from_lengths
 from trackflow.errors import TrackflowError
@@ -40,6 +41,9 @@ def load_tractogram_file(path, reference=None) -> StatefulTractogram:
         raise TrackflowError(f"tractogram {path} does not exist")
     if path.suffix.lower() == ".tck" and reference is None:
         raise TrackflowError(f"{path} is a .tck file: give --reference (an image of its grid)")
+    # Imported here: dipy.io.streamline imports vtk (about 1.2 s), which the tracking scripts never need.
+    from dipy.io.streamline import load_tractogram
+
     dipy_logger = logging.getLogger("dipy")
     level = dipy_logger.level
     dipy_logger.setLevel(logging.CRITICAL)  # its header-mismatch lines would repeat our one-line error
@@ -87,5 +91,25 @@ def save_tractogram_file(path, streamlines, reference: nib.Nifti1Image, seeds: n
     sft = StatefulTractogram(array_sequence_from_parts(points, offsets, lengths), reference, Space.VOX,
                              origin=Origin.TRACKVIS, data_per_streamline=dps, data_per_point=dpp)
     with atomic_output(path, overwrite=overwrite) as tmp:
-        save_tractogram(sft, str(tmp), bbox_valid_check=False)
+        _save_tractogram(sft, Path(tmp))  # the temporary name ends in the format's extension
     LOGGER.info("wrote %s", path)
+
+
+def _save_tractogram(sft: StatefulTractogram, path: Path) -> None:
+    """What dipy's ``save_tractogram`` does for .trk, .tck and .trx (the same bytes), written with nibabel
+    and trx-python: ``dipy.io.streamline`` imports vtk, about a second of every tracking run's start-up."""
+    suffix = path.suffix.lower()
+    sft.to_rasmm()
+    sft.to_center()
+    if suffix == ".trx":
+        trx = tmm.TrxFile.from_sft(sft)
+        tmm.save(trx, str(path))
+        trx.close()
+        return
+    tractogram_type = detect_format(str(path))
+    tractogram = Tractogram(sft.streamlines, affine_to_rasmm=np.eye(4))
+    if suffix == ".trk":
+        tractogram.data_per_point = sft.data_per_point
+        tractogram.data_per_streamline = sft.data_per_streamline
+    header = create_tractogram_header(tractogram_type, *sft.space_attributes)
+    nib.streamlines.save(tractogram_type(tractogram, header=header), str(path))

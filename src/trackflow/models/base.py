@@ -5,8 +5,8 @@ The constructor keywords are the keys of dwi_ml's ``parameters.json`` (``dwi_ml-
 (``Learn2TrackModel``, the transformers) add their own keys, build their layers, then call
 ``_build_direction_getter(in_size)``.
 
-The tracking interface (``new_tracking_state``, ``tracking_step``, ``reset_tracking_rows``) is the only thing
-the tracker knows about a model; see ``docs/design.md`` ("Models") for the slot invariant.
+The tracking interface (``new_tracking_state``, ``tracking_window``, ``tracking_step``, ``reset_tracking_rows``)
+is the only thing the tracker knows about a model; see ``docs/design.md`` ("Models") for the slot invariant.
 """
 
 import abc
@@ -218,6 +218,12 @@ class MainModel(nn.Module, abc.ABC):
     def new_tracking_state(self, volume: torch.Tensor, n_slots: int, max_points: int):
         """A preallocated tracking state with ``n_slots`` slots on the volume's device."""
 
+    @property
+    @abc.abstractmethod
+    def tracking_window(self) -> int:
+        """W, the most recent points of each streamline that ``tracking_step`` reads (the rest of the history
+        lives in the tracking state): the tracker passes only these, so a step costs the same at any length."""
+
     @abc.abstractmethod
     def tracking_step(self, state, rows: torch.Tensor, points: torch.Tensor,
                       lengths: torch.Tensor) -> torch.Tensor:
@@ -229,9 +235,11 @@ class MainModel(nn.Module, abc.ABC):
         rows : LongTensor[B]
             Slot indices.
         points : Tensor[B, T, 3]
-            The rows' current streamlines, padded (vox/corner).
+            The end of each row's streamline (vox/corner): ``points[b, :min(lengths[b], T)]`` are its last
+            ``min(lengths[b], T)`` points, in order; the rest is padding. T >= ``tracking_window``; the
+            tracker passes T = ``tracking_window``, and a whole padded streamline (T >= lengths) is valid.
         lengths : LongTensor[B]
-            Number of real points per row (>= 1).
+            Number of points of each row's whole streamline (>= 1), the one just consumed included.
 
         Returns
         -------
@@ -244,5 +252,5 @@ class MainModel(nn.Module, abc.ABC):
         """Make the rows' state equal to having consumed ``points[b, :lengths[b]-1]``.
 
         ``lengths == 1`` is a plain reset (new seed); longer prefixes rebuild the state (backward half).
-        Shapes as in ``tracking_step``.
+        Unlike ``tracking_step``, ``points`` [B, T, 3] holds the whole padded streamlines (T >= lengths).
         """

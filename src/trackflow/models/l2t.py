@@ -381,6 +381,11 @@ class Learn2TrackModel(MainModel):
             for stored, value in zip(layer, new):
                 stored.index_copy_(0, rows, value)
 
+    @property
+    def tracking_window(self) -> int:
+        """The last point and the ``nb_previous_dirs`` segments that arrive at it."""
+        return self.nb_previous_dirs + 1
+
     @torch.no_grad()
     def tracking_step(self, state: L2TTrackingState, rows: torch.Tensor, points: torch.Tensor,
                       lengths: torch.Tensor) -> torch.Tensor:
@@ -392,17 +397,19 @@ class Learn2TrackModel(MainModel):
         rows : LongTensor[B]
             Slot indices (the scratch slot may repeat).
         points : Tensor[B, T, 3]
-            Current streamlines, padded (vox/corner).
+            The end of each row's streamline: ``points[b, :min(lengths[b], T)]`` are its last points
+            (vox/corner), T >= ``tracking_window`` (``MainModel.tracking_step``).
         lengths : LongTensor[B]
-            Real points per row (>= 1).
+            Points of each whole streamline (>= 1).
 
         Returns
         -------
         Tensor[B, K]
         """
         n_rows = len(rows)
-        last_points = points[torch.arange(n_rows, device=points.device), lengths - 1]  # [B, 3]
-        prev_dirs = (previous_directions_at_last_point(points, lengths, self.nb_previous_dirs,
+        in_window = lengths.clamp(max=points.shape[1])  # the real points of ``points``
+        last_points = points[torch.arange(n_rows, device=points.device), in_window - 1]  # [B, 3]
+        prev_dirs = (previous_directions_at_last_point(points, in_window, self.nb_previous_dirs,
                                                        self.normalize_prev_dirs)
                      if self.nb_previous_dirs > 0 else None)
         # Whole step (embedding, RNN, head) on a padded block: see ROW_BLOCK.

@@ -297,26 +297,35 @@ class _TractoTransformer(MainModel):
                                         self._new_caches(n_slots, max_points, volume.device, dtype),
                                         torch.zeros(n_slots, dtype=torch.long, device=volume.device))
 
+    @property
+    def tracking_window(self) -> int:
+        """The last point; with target tokens also the one before it (the token is the arriving direction).
+        Earlier points are in the key/value caches."""
+        return 2 if self.uses_target_tokens else 1
+
     def tracking_step(self, state: TransformerTrackingState, rows: torch.Tensor, points: torch.Tensor,
                       lengths: torch.Tensor) -> torch.Tensor:
-        """Consume point lengths-1 of each row: points [B, T, 3], lengths [B] -> head output [B, K].
+        """Consume point lengths-1 of each row -> head output [B, K].
 
-        Only the new token goes through the network; it attends over the cached positions < lengths.
-        Rows must be distinct, except a scratch slot whose state does not matter. No host sync (but one
-        every ``EXACT_BOUND_EVERY`` steps): T must not exceed the state's max_points.
+        points [B, T, 3]: the end of each row's streamline, ``points[b, :min(lengths[b], T)]`` its last points,
+        T >= ``tracking_window`` (``MainModel.tracking_step``); lengths [B]: points of each whole streamline,
+        at most the state's max_points. Only the new token goes through the network; it attends over the
+        cached positions < lengths. Rows must be distinct, except a scratch slot whose state does not
+        matter. No host sync (but one every ``EXACT_BOUND_EVERY`` steps).
         """
-        if points.shape[1] > state.max_points:
+        if points.shape[1] > state.max_points:  # a whole padded history longer than the caches
             raise TrackflowError(f"streamlines padded to {points.shape[1]} points exceed the tracking "
                                  f"state's max_points ({state.max_points}).")
         n_keys = state.keys_to_attend()
         state.consumed[rows] = lengths
         last = lengths - 1
+        in_window = lengths.clamp(max=points.shape[1])  # the real points of ``points``
         batch = torch.arange(len(rows), device=rows.device)
-        last_points = points[batch, last]  # [B, 3]
+        last_points = points[batch, in_window - 1]  # [B, 3]
         sources = self.compute_inputs(state.volume, last_points)[:, None]  # [B, 1, Fin]
         targets = None
         if self.uses_target_tokens:
-            arriving = last_points - points[batch, (last - 1).clamp(min=0)]
+            arriving = last_points - points[batch, (in_window - 2).clamp(min=0)]
             targets = self._encode_directions(arriving, last == 0)[:, None]  # [B, 1, Tin]
         positions = last[:, None]  # [B, 1]
         # Measured on CPU: gathering a row's keys costs about three times attending over them in place.

@@ -26,6 +26,7 @@ from trackflow.models.registry import check_model_family
 from trackflow.data.tractograms import check_tractogram_path, save_tractogram_file
 from trackflow.tracking.decoders import make_direction_decoder
 from trackflow.tracking.filtering import FilteredTractogram, filter_streamlines
+from trackflow.tracking.parallel import available_cpus, track_in_processes
 from trackflow.tracking.seeds import SeedGenerator, check_seed_counts, count_seeds
 from trackflow.tracking.stopping import MaskStoppingCriterion, VolumeStoppingCriterion
 from trackflow.tracking.tracker import StopReason, Tracker, TrackingParameters, TrackingResult
@@ -45,7 +46,9 @@ class TrackingOptions:
     drop the first point outside the mask; track_forward_only: skip the backward half; npv / nt: seeds per
     seeding voxel [1] / in total; rng_seed [random, logged]; compress_th: compression tolerance [none];
     save_seeds: store seeds per streamline; use_gpu; simultaneous_tracking: slots of the batched tracker;
-    overwrite: replace an existing output.
+    overwrite: replace an existing output; processes: CPU processes sharing the seeds [the job's cores;
+    refused with use_gpu]; seed_range: (START, END), track only seeds START..END-1 of the run's seed
+    sequence (a chunk; ``trackflow_merge_tractograms`` joins chunks) [all].
     """
 
     hdf5_file: str | Path | None = None
@@ -69,6 +72,8 @@ class TrackingOptions:
     use_gpu: bool = False
     simultaneous_tracking: int = 1000
     overwrite: bool = False
+    processes: int | None = None
+    seed_range: tuple | None = None
 
     def __post_init__(self):
         # One place per rule: the other options are checked where they are used, before tracking starts
@@ -86,6 +91,11 @@ class TrackingOptions:
         check_seed_counts(self.npv, self.nt)
         if self.compress_th is not None and not self.compress_th > 0:
             raise TrackflowError(f"--compress must be positive, got {self.compress_th}")
+        if self.processes is not None and (self.processes < 1 or self.use_gpu):
+            raise TrackflowError(f"--processes must be at least 1, got {self.processes}" if self.processes < 1
+                                 else "--processes is for CPU tracking: --use_gpu tracks in one process")
+        if self.seed_range is not None and not 0 <= self.seed_range[0] < self.seed_range[1]:
+            raise TrackflowError(f"--seed_range START END needs 0 <= START < END, got {list(self.seed_range)}")
 
 
 @dataclass
@@ -242,6 +252,23 @@ def summarize(result: TrackingResult, kept: FilteredTractogram, n_seeds: int, se
         mean_length_mm=float(kept.lengths_mm.mean()) if len(kept.lengths_mm) else 0.0, seconds=seconds)
 
 
+def seed_bounds(options: TrackingOptions, n_seeds: int) -> tuple:
+    """The (start, end) seed indices to track: ``--seed_range`` (checked against the seed count) or all."""
+    if options.seed_range is None:
+        return 0, n_seeds
+    start, end = options.seed_range
+    if end > n_seeds:
+        raise TrackflowError(f"--seed_range {start} {end} goes past the run's {n_seeds} seeds")
+    return start, end
+
+
+def process_count(options: TrackingOptions, device) -> int:
+    """``--processes``, else every core the job was given on the CPU, one process on a GPU."""
+    if options.processes is not None:
+        return options.processes
+    return available_cpus() if device.type == "cpu" else 1
+
+
 def track_from_experiment(model_family: str, experiment_path, subj_id: str, input_group: str,
                           out_tractogram, seeding_mask_group: str,
                           options: TrackingOptions) -> TrackingSummary:
@@ -265,6 +292,7 @@ def track_from_experiment(model_family: str, experiment_path, subj_id: str, inpu
     n_seeds = count_seeds(inputs.seeding_mask, options.npv, options.nt)
     if n_seeds == 0:
         raise TrackflowError(f"the seeding mask group '{seeding_mask_group}' is empty (no voxel > 0)")
+    start, end = seed_bounds(options, n_seeds)
     rng_seed = options.rng_seed
     if rng_seed is None:
         rng_seed = secrets.randbits(62)
@@ -272,11 +300,11 @@ def track_from_experiment(model_family: str, experiment_path, subj_id: str, inpu
     tracker = build_tracker(model, inputs, options, step_mm, rng_seed, device)
 
     started = time.perf_counter()
-    with tqdm(total=n_seeds, unit="seed", file=sys.stderr, mininterval=1.0) as progress:
-        result = tracker.track(n_seeds, progress)
+    with tqdm(total=end - start, unit="seed", file=sys.stderr, mininterval=1.0) as progress:
+        result = track_in_processes(tracker, start, end, process_count(options, device), progress)
     seconds = time.perf_counter() - started
 
     kept = write_tractogram(result, out_tractogram, inputs, options)
-    summary = summarize(result, kept, n_seeds, seconds)
+    summary = summarize(result, kept, end - start, seconds)
     print(summary.line(), file=sys.stderr)
     return summary

@@ -1,7 +1,8 @@
 """The batched tracker: one engine for every model, all state on the device, slots refilled as lines end.
 
-The tracker only knows the model's tracking interface (``docs/design.md``): ``new_tracking_state``,
-``tracking_step``, ``reset_tracking_rows`` and the head ``direction_getter``. How the head's output becomes a
+The tracker only knows the model's tracking interface (``models/base.py``, ``MainModel``):
+``new_tracking_state``, ``tracking_window``, ``tracking_step``, ``reset_tracking_rows`` and the head
+``direction_getter``. How the head's output becomes a
 direction (deterministic or sampled) is the decoder's business (``decoders.py``), where a point may go the
 stopping criterion's (``stopping.py``); seeds come from a ``SeedGenerator``.
 
@@ -197,7 +198,9 @@ class Tracker:
     Parameters
     ----------
     model : MainModel-like
-        ``new_tracking_state``, ``tracking_step``, ``reset_tracking_rows``, ``direction_getter``.
+        ``new_tracking_state``, ``tracking_window``, ``tracking_step``, ``reset_tracking_rows``,
+        ``direction_getter``. A step passes the model each row's last ``tracking_window`` points only; the
+        (rare) rebuild after turning around passes the whole padded forward half.
     volume : Tensor [X, Y, Z, F]
         Model input volume, on the tracking device.
     stopping_criterion : object with ``check_points(points[B, 3]) -> int8[B]`` (``StreamlineStatus``)
@@ -217,23 +220,30 @@ class Tracker:
         self.params = params
         self.device = volume.device
         # theta >= 180 means no angle stop (dwi_ml's generation-validation passes 360)
+        self.window = model.tracking_window
         self.cos_theta = (math.cos(math.radians(params.theta_deg)) if params.theta_deg < 180
                           else -math.inf)
 
-    @torch.no_grad()
     def track(self, n_seeds: int, progress=None) -> TrackingResult:
         """Track seeds ``0 .. n_seeds-1``; ``progress`` (e.g. tqdm) gets ``update(n)`` per finished batch."""
+        return self.track_range(0, n_seeds, progress)
+
+    @torch.no_grad()
+    def track_range(self, start: int, end: int, progress=None) -> TrackingResult:
+        """Track seeds ``start .. end-1`` of the seed sequence: the same streamlines as in ``track(n)`` for any
+        n >= end (a seed's streamline depends only on its index), so ranges can be tracked apart and
+        concatenated (``concatenate_results``)."""
         p = self.params
-        n_slots = min(p.n_slots, max(n_seeds, 1))
+        n_slots = min(p.n_slots, max(end - start, 1))
         # One extra row: the scratch slot that absorbs the steps of rows stopped since the last check.
         self.model_state = self.model.new_tracking_state(self.volume, n_slots + 1, p.max_points)
         self.slots = SlotState.allocate(n_slots + 1, p.max_points, self.device)
         self.scratch = n_slots
         self._out = []
-        next_seed = 0
+        next_seed = start
         while True:
-            next_seed = self._turn_finish_and_refill(next_seed, n_seeds, n_slots, progress)
-            if next_seed >= n_seeds and not bool(self.slots.live.any()):
+            next_seed = self._turn_finish_and_refill(next_seed, end, n_slots, progress)
+            if next_seed >= end and not bool(self.slots.live.any()):
                 break
             rows = self.slots.active.nonzero().squeeze(1)  # fixed until the next check
             if len(rows):
@@ -248,9 +258,9 @@ class Tracker:
         p, s = self.params, self.slots
         row_active = s.active[rows]
         model_rows = torch.where(row_active, rows, self.scratch)
-        points = s.positions[model_rows]  # [B, T, 3]
         model_lengths = s.lengths[model_rows]  # [B]
-        raw = self.model.tracking_step(self.model_state, model_rows, points, model_lengths)
+        window = self._last_points(model_rows, model_lengths)  # [B, W, 3]
+        raw = self.model.tracking_step(self.model_state, model_rows, window, model_lengths)
 
         direction = self.decoder.directions(raw, s.seed_index[rows], s.step_counter[rows])
         direction = direction.to(torch.float32)
@@ -272,8 +282,16 @@ class Tracker:
         cosine = (unit * s.prev_dir[rows]).sum(dim=1)
         too_sharp = s.has_prev[rows] & (cosine < self.cos_theta) & ~no_direction
         valid = ~no_direction & ~eos & ~too_sharp
-        last = points[torch.arange(len(rows), device=rows.device), model_lengths - 1]
+        last = window[torch.arange(len(rows), device=rows.device), model_lengths.clamp(max=self.window) - 1]
         return StepProposal(row_active, last, unit, no_direction, eos, too_sharp, valid)
+
+    def _last_points(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The model's window: the last ``min(lengths[b], W)`` points of each row first, [B, W, 3] (the
+        padding after them repeats the last one). A step reads W points, whatever the streamlines' length."""
+        steps = torch.arange(self.window, device=rows.device)
+        first = (lengths - self.window).clamp(min=0)  # [B]
+        index = torch.minimum(first[:, None] + steps, lengths[:, None] - 1)  # [B, W]
+        return self.slots.positions[rows[:, None], index]
 
     def _accept_steps(self, rows: torch.Tensor, proposal: StepProposal) -> None:
         """Append the valid proposed points the stopping criterion allows, stop the rows that cannot go on
@@ -309,10 +327,10 @@ class Tracker:
         s.active[rows] = row_active & keep_going
 
     # ---------------------------------------------------------------- the periodic host check
-    def _turn_finish_and_refill(self, next_seed: int, n_seeds: int, n_slots: int, progress) -> int:
+    def _turn_finish_and_refill(self, next_seed: int, end: int, n_slots: int, progress) -> int:
         """The host check between step blocks: turn the forward halves that ended around (when a backward
         half may follow), copy finished streamlines out and free their slots, then start seeds
-        ``next_seed, ...`` in the free slots. Returns the next seed index still to start."""
+        ``next_seed, ...`` (< end) in the free slots. Returns the next seed index still to start."""
         p, s = self.params, self.slots
         ended = s.live & ~s.active
         can_go_back = ~s.backward & (s.lengths < p.max_points)
@@ -331,7 +349,7 @@ class Tracker:
             self._turn_back(turn_rows)
 
         free = (~s.live[:n_slots]).nonzero().squeeze(1)
-        n_new = min(len(free), n_seeds - next_seed)
+        n_new = min(len(free), end - next_seed)
         if n_new > 0:
             self._start_seeds(free[:n_new], torch.arange(next_seed, next_seed + n_new, device=self.device))
         return next_seed + max(n_new, 0)
@@ -386,6 +404,12 @@ class Tracker:
         seeds = self.seeds.positions(torch.as_tensor(seed_indices, device=self.device)).cpu().numpy()
         return TrackingResult(points[gather].astype(np.float32), lengths[order], seed_indices,
                               seeds.astype(np.float32), reasons[order])
+
+
+def concatenate_results(results: list) -> TrackingResult:
+    """One ``TrackingResult`` of consecutive seed ranges' results, given in seed order."""
+    fields = ("points", "lengths", "seed_indices", "seeds", "end_reasons")
+    return TrackingResult(*(np.concatenate([getattr(r, name) for r in results]) for name in fields))
 
 
 def _stop_reasons(status: torch.Tensor, proposal: StepProposal) -> torch.Tensor:

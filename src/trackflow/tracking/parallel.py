@@ -1,0 +1,71 @@
+"""A seed range tracked by several CPU processes: the same streamlines as one process, bit for bit.
+
+Seeds are independent and every random draw is keyed by the seed index (``random.py``), so the range
+[start, end) is cut into consecutive pieces that worker processes track apart (``Tracker.track_range``) and
+that are concatenated in seed order. The workers are forked, so they inherit the tracker (model, volume,
+masks) without copying or reloading it. Every process, the single-process case included, tracks with one
+torch thread: at tracking's matrix sizes threads only wait on each other, and the same thread count
+everywhere keeps the arithmetic, hence the streamlines, the same whatever the number of processes.
+"""
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import torch
+
+from trackflow.errors import TrackflowError
+from trackflow.tracking.tracker import Tracker, TrackingResult, concatenate_results
+
+PIECES_PER_PROCESS = 4  # smaller pieces even out the processes' loads and move the progress bar
+
+_TRACKER = None  # the tracker the forked workers inherit
+
+
+def available_cpus() -> int:
+    """The cores this job was given: SLURM's ``SLURM_CPUS_PER_TASK`` when set, else the CPU affinity."""
+    cpus = len(os.sched_getaffinity(0))
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return max(1, min(int(slurm), cpus)) if slurm.isdigit() else cpus
+
+
+def seed_pieces(start: int, end: int, n_pieces: int) -> list:
+    """[start, end) cut into at most ``n_pieces`` consecutive, non-empty (a, b) ranges of near-equal size."""
+    n_pieces = max(1, min(n_pieces, end - start))
+    cuts = [start + (end - start) * k // n_pieces for k in range(n_pieces + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _track_piece(bounds: tuple) -> TrackingResult:
+    torch.set_num_threads(1)
+    return _TRACKER.track_range(*bounds)
+
+
+def track_in_processes(tracker: Tracker, start: int, end: int, processes: int, progress=None) -> TrackingResult:
+    """Track seeds ``start .. end-1`` with ``processes`` CPU processes (1: in this one); ``progress`` gets
+    ``update(n)`` as pieces finish."""
+    global _TRACKER
+    if processes < 1:
+        raise TrackflowError(f"--processes must be at least 1, got {processes}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if processes == 1:
+            return tracker.track_range(start, end, progress)
+        if tracker.device.type != "cpu":
+            raise TrackflowError("--processes is for CPU tracking: a GPU tracks in one process")
+        pieces = seed_pieces(start, end, processes * PIECES_PER_PROCESS)
+        _TRACKER = tracker
+        with ProcessPoolExecutor(min(processes, len(pieces)), mp_context=multiprocessing.get_context("fork")) \
+                as pool:
+            futures = {pool.submit(_track_piece, piece): k for k, piece in enumerate(pieces)}
+            results = [None] * len(pieces)
+            for future in as_completed(futures):
+                k = futures[future]
+                results[k] = future.result()
+                if progress is not None:
+                    progress.update(pieces[k][1] - pieces[k][0])
+        return concatenate_results(results)
+    finally:
+        _TRACKER = None
+        torch.set_num_threads(threads)

@@ -1,0 +1,98 @@
+"""What makes tracking fast without changing a result: a start-up without vtk, the seed range split across
+processes (``--processes``) or jobs (``--seed_range`` + ``trackflow_merge_tractograms``), bit for bit."""
+
+import subprocess
+import sys
+
+
+def test_the_tracking_cli_module_does_not_import_vtk():
+    # dipy.io.streamline imports vtk: about a second of every tracking run's start-up
+    code = "import sys, trackflow.cli.track; print(sorted(m for m in sys.modules if m.split('.')[0] == 'vtk'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+import nibabel as nib
+import numpy as np
+import pytest
+import trx.trx_file_memmap as tmm
+
+from trackflow.cli.merge_tractograms import main as merge_main
+from trackflow.cli.track import l2t_main
+from trackflow.data.tractograms import save_tractogram_file
+from test_tracking_cli import SUBJECT, l2t_model  # noqa: E402  (tests/ is on sys.path)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+N_SEEDS = 40
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny_hdf5, make_experiment, tmp_path_factory):
+    from trackflow.data.hdf5.reader import HDF5Cohort
+    with HDF5Cohort(tiny_hdf5) as cohort:
+        nb_features = cohort.volume_groups()["input"]
+    return tiny_hdf5, make_experiment(tmp_path_factory.mktemp("speed") / "l2t", l2t_model(nb_features))
+
+
+def track(experiment, out, *extra):
+    hdf5, folder = experiment
+    l2t_main([str(folder), SUBJECT, "input", str(out), "interface_mask", "--hdf5_file", str(hdf5),
+              "--tracking_mask_group", "wm_mask", "--min_length", "3", "--rng_seed", "4", "--max_length", "40",
+              "--nt", str(N_SEEDS), "-f", *extra])
+    return out
+
+
+@pytest.mark.parametrize("algo", ["det", "prob"])
+def test_any_number_of_processes_gives_the_same_tractogram(experiment, tmp_path, algo):
+    outputs = [track(experiment, tmp_path / f"{n}.trk", "--algo", algo, "--save_seeds", "--processes", str(n))
+               for n in (1, 2, 3)]
+    one = nib.streamlines.load(str(outputs[0])).streamlines
+    assert len(one) > 20 and len(set(one._lengths.tolist())) > 3
+    for other in outputs[1:]:
+        assert other.read_bytes() == outputs[0].read_bytes()
+
+
+@pytest.mark.parametrize("algo, ext", [("det", ".trk"), ("prob", ".trk"), ("det", ".tck"), ("prob", ".trx")])
+def test_merged_seed_range_chunks_equal_the_whole_run(experiment, tmp_path, algo, ext):
+    seeds = ["--save_seeds"] if ext != ".tck" else []
+    whole = track(experiment, tmp_path / f"whole{ext}", "--algo", algo, "--processes", "1", *seeds)
+    bounds = [0, 13, 27, N_SEEDS]
+    chunks = [track(experiment, tmp_path / f"chunk{k}{ext}", "--algo", algo, "--processes", "2", *seeds,
+                    "--seed_range", str(a), str(b)) for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    merged = tmp_path / f"merged{ext}"
+    merge_main([str(merged), *map(str, chunks)])
+    if ext == ".trx":  # a zip: compare the arrays
+        a, b = tmm.load(str(whole)), tmm.load(str(merged))
+        assert np.array_equal(a.streamlines._data, b.streamlines._data)
+        assert np.array_equal(a.streamlines._lengths, b.streamlines._lengths)
+        assert np.array_equal(a.data_per_streamline["seeds"], b.data_per_streamline["seeds"])
+        assert len(a) > 20
+        a.close(), b.close()
+    else:
+        assert merged.read_bytes() == whole.read_bytes()
+        assert len(nib.streamlines.load(str(whole)).streamlines) > 20
+
+
+def test_merge_refuses_another_reference_and_writes_nothing(experiment, tmp_path):
+    chunk = track(experiment, tmp_path / "chunk.trk", "--seed_range", "0", "20")
+    other = tmp_path / "other.trk"
+    save_tractogram_file(other, [np.array([[1.0, 1, 1], [2, 2, 2]], np.float32)],
+                         nib.Nifti1Image(np.zeros((5, 5, 5), np.float32), np.diag([2.0, 2, 2, 1])))
+    out = tmp_path / "merged.trk"
+    with pytest.raises(SystemExit) as exit_info:
+        merge_main([str(out), str(chunk), str(other)])
+    assert exit_info.value.code == 2 and not out.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed_range", "30", "41"], "past the run's 40 seeds"),
+    (["--seed_range", "5", "5"], "START < END"),
+    (["--processes", "2", "--use_gpu"], "--processes is for CPU tracking"),
+])
+def test_bad_seed_range_or_processes_is_one_error_line(experiment, tmp_path, capsys, extra, message):
+    out = tmp_path / "out.trk"
+    with pytest.raises(SystemExit) as exit_info:
+        track(experiment, out, *extra)
+    assert exit_info.value.code == 2 and not out.exists()
+    assert message in capsys.readouterr().err
