@@ -28,6 +28,7 @@ _STREAMLINE_DATASETS = ("data", "offsets", "lengths", "euclidean_lengths")
 # Reading a few streamlines by slices beats reading the whole data block while the selection is
 # smaller than this fraction of the group.
 _SLICE_READ_FRACTION = 1 / 8
+_FINITE_CHECK_ELEMENTS = 1 << 24  # values read at once by check_finite
 
 
 @dataclass
@@ -210,6 +211,19 @@ class HDF5Cohort:
             raise TrackflowError(f"group '{group}' of subject '{subject}' is of type {actual!r}, "
                                  f"not {group_type!r}")
         return h5_group
+
+    def check_finite(self, subject: str, group: str, group_type: str) -> None:
+        """Refuse NaN or infinite values in a ``'volume'`` group or a ``'streamlines'`` group's points.
+
+        Read slab by slab, so that checking a large lazy cohort costs no more memory than one slab.
+        """
+        data = self._group(subject, group, group_type)["data"]
+        step = max(1, _FINITE_CHECK_ELEMENTS // max(1, int(np.prod(data.shape[1:]))))
+        bad = sum(int(np.count_nonzero(~np.isfinite(data[i:i + step]))) for i in range(0, data.shape[0], step))
+        if bad:
+            what = "voxel values" if group_type == "volume" else "point coordinates"
+            raise TrackflowError(f"subject '{subject}', group '{group}' of {self.path}: {bad} NaN or "
+                                 f"infinite {what}; fix the input files and recreate the hdf5")
 
     # -- volumes ---------------------------------------------------------------------------
 
