@@ -238,6 +238,9 @@ class Learn2TrackModel(MainModel):
         if isinstance(nb_previous_dirs, bool) or not isinstance(nb_previous_dirs, int) or nb_previous_dirs < 0:
             raise TrackflowError(f"nb_previous_dirs must be an integer >= 0, got {nb_previous_dirs!r}")
         if nb_previous_dirs == 0:
+            if prev_dirs_embedding_key not in (None, "no_embedding"):
+                raise TrackflowError(f"prev_dirs_embedding_key {prev_dirs_embedding_key} needs nb_previous_dirs "
+                                     ">= 1 (there is no previous direction to embed)")
             prev_dirs_embedded_size = None
         else:
             prev_dirs_embedding_key = prev_dirs_embedding_key or "no_embedding"
