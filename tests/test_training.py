@@ -266,6 +266,9 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_hdf5, tmp_path):
                                 "--kernel_size", "2"], "grid"),
     (("input", "streamlines"), ["--dg_key", "sphere-classification", "--add_eos", "--eos_weight", "2"],
      "eos_weight"),
+    (("input", "streamlines"), ["--eos_weight", "2"], "--eos_weight needs --add_eos"),
+    (("input", "streamlines"), ["--prev_dirs_embedding_key", "nn_embedding", "--prev_dirs_embedded_size", "8"],
+     "needs nb_previous_dirs >= 1"),
 ])
 def test_bad_options_fail_before_training(tiny_hdf5, tmp_path, capsys, positionals, options, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -309,6 +312,20 @@ def test_visualize_logs_writes_pngs(tiny_hdf5, tmp_path, capsys):
     with pytest.raises(SystemExit):
         visualize_logs.main([str(exp), "--save_figures", str(prefix)])
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", [lambda p: p.write_bytes(p.read_bytes()[:-10]), lambda p: p.write_bytes(b"junk"),
+                                    lambda p: np.save(p, np.array([{"a": 1}], dtype=object))],
+                         ids=["truncated", "garbage", "pickled"])
+def test_visualize_logs_refuses_a_corrupt_log(tiny_hdf5, tmp_path, capsys, damage):
+    exp = _train(l2t_main, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1")
+    damage(exp / "logs" / LOG_FILES["train_loss"])
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_logs.main([str(exp), "--save_figures", str(tmp_path / "plots" / "run_")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train_loss_monitor_per_epoch.npy" in err[0], err
+    assert not (tmp_path / "plots").exists() or not any((tmp_path / "plots").iterdir())
 
 
 @pytest.mark.parametrize("main", [l2t_main, tt_main, l2t_resume_main, tt_resume_main, visualize_logs.main])

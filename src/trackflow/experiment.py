@@ -130,5 +130,16 @@ class ExperimentFolder:
 
     def read_logs(self) -> dict:
         """Monitor name -> per-epoch array, for the log files present."""
-        return {name: np.load(self.logs_dir / file_name) for name, file_name in LOG_FILES.items()
+        return {name: _read_log(self.logs_dir / file_name) for name, file_name in LOG_FILES.items()
                 if (self.logs_dir / file_name).is_file()}
+
+
+def _read_log(path: Path) -> np.ndarray:
+    """A 1-D numeric ``.npy`` log; a truncated, garbage or pickled file is one error."""
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise TrackflowError(f"cannot read log {path}: {e}") from None
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.number):
+        raise TrackflowError(f"log {path} is not a 1-D numeric array (shape {values.shape}, {values.dtype})")
+    return values
