@@ -268,7 +268,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_hdf5, tmp_path):
      "eos_weight"),
     (("input", "streamlines"), ["--eos_weight", "2"], "--eos_weight needs --add_eos"),
     (("input", "streamlines"), ["--prev_dirs_embedding_key", "nn_embedding", "--prev_dirs_embedded_size", "8"],
-     "needs nb_previous_dirs >= 1"),
+     "needs --nb_previous_dirs >= 1"),
 ])
 def test_bad_options_fail_before_training(tiny_hdf5, tmp_path, capsys, positionals, options, message):
     with pytest.raises(SystemExit) as exit_info:
