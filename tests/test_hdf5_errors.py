@@ -160,13 +160,52 @@ def connectivity_with_both_blocs_and_labels(paths, out):
     return cli_args(paths, out, config), "exactly one of connectivity_nb_blocs"
 
 
+# ---- issue 11
+def nan_in_mask_group(paths, out):
+    path = paths["folder"] / "s1" / "masks" / "s1__mask_wm.nii.gz"
+    save_nifti(path, np.full(SHAPE, np.nan))
+    return cli_args(paths, out), "subject 's1', mask group 'wm_mask': 504 NaN or infinite"
+
+
+def truncated_nifti(paths, out):
+    path = paths["folder"] / "s1" / "dwi" / "s1__fodf.nii.gz"
+    path.write_bytes(path.read_bytes()[:-200])
+    return cli_args(paths, out), "cannot read the voxels of"
+
+
+def empty_trk(paths, out):
+    (paths["folder"] / "s1" / "tractograms" / "s1__CC.trk").write_bytes(b"")
+    return cli_args(paths, out), "cannot read tractogram"
+
+
+def garbage_trk(paths, out):
+    (paths["folder"] / "s1" / "tractograms" / "s1__CC.trk").write_bytes(os.urandom(3000))
+    return cli_args(paths, out), "cannot read tractogram"
+
+
+def output_is_a_directory(paths, out):
+    out.mkdir()
+    (out / "keep").write_text("x")
+    return cli_args(paths, out), "is a directory"
+
+
+def json_output_is_a_directory(paths, out):
+    out.with_suffix(".json").mkdir()
+    return cli_args(paths, out), "is a directory"
+
+
 CASES = [missing_folder, missing_file, glob_matching_nothing, absolute_pattern,
          affine_mismatch_between_files,
          grid_mismatch_between_groups, non_nifti_volume, unknown_group_type,
          missing_standardization, invalid_standardization, subject_listed_twice,
          subject_without_folder, tck_without_volume_group, nan_inside_std_mask,
          inf_inside_std_mask, missing_dps_key, trk_on_another_grid, bad_output_extension,
-         json_syntax_error, missing_subject_list, connectivity_with_both_blocs_and_labels]
+         json_syntax_error, missing_subject_list, connectivity_with_both_blocs_and_labels,
+         nan_in_mask_group, truncated_nifti, empty_trk, garbage_trk, output_is_a_directory,
+         json_output_is_a_directory]
+
+# What a case leaves in the output folder on purpose (the directory in the output's way).
+PLANTED = {"output_is_a_directory": {"cohort.hdf5"}, "json_output_is_a_directory": {"cohort.json"}}
 
 
 def _files_beside(out: Path) -> set[str]:
@@ -186,7 +225,23 @@ def test_bad_input_gives_one_line_error_and_no_output(case, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert fragment in err
-    assert _files_beside(out_dir / "x") == set()  # no hdf5, no json, no temporary file
+    # no hdf5, no json, no temporary file
+    assert _files_beside(out_dir / "x") == PLANTED.get(case.__name__, set())
+
+
+def test_subjects_with_different_feature_counts_are_refused(tmp_path, capsys):
+    # s2 lacks its fODF: 2 input features instead of 5, only a warning with --skip_enforce_files_presence.
+    paths = write_cohort(tmp_path / "in", training=("s1", "s2"), validation=())
+    (paths["folder"] / "s2" / "dwi" / "s2__fodf.nii.gz").unlink()
+    out_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli_args(paths, out_dir / "cohort.hdf5") + ["--skip_enforce_files_presence"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "'dwi/*__fodf.nii.gz' matches no file" in lines[0] and "skipped" in lines[0]
+    assert lines[1:] == ["error: group 'input' has 2 features in subject 's2' but 5 in subject 's1'; every "
+                         "subject needs the same files"]
+    assert _files_beside(out_dir / "x") == set()
 
 
 def test_interrupted_run_leaves_nothing(tmp_path, capsys, monkeypatch):
@@ -198,7 +253,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, capsys, monkeypatch):
     def interrupt_on_second_subject(h5_file, root, subject, *args):
         if subject == "s2":
             raise KeyboardInterrupt
-        real_process_subject(h5_file, root, subject, *args)
+        return real_process_subject(h5_file, root, subject, *args)
 
     monkeypatch.setattr(creation, "_process_subject", interrupt_on_second_subject)
     with pytest.raises(SystemExit) as exit_info:
@@ -221,3 +276,23 @@ def test_console_script_exit_code_in_a_subprocess(tmp_path):
         "error: volume group 't1' has invalid standardization 'bogus', expected one of "
         "['all', 'independent', 'per_file', 'none']"]
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_an_output_created_meanwhile_is_not_replaced_without_f(tmp_path, capsys, monkeypatch):
+    """Two runs without -f on the same absent output: the one finishing second fails, the first's file stays."""
+    paths = write_cohort(tmp_path / "in", training=("s1",), validation=())
+    out = tmp_path / "out" / "cohort.hdf5"
+    real_process_subject = creation._process_subject
+
+    def other_run_finishes_first(*args):
+        for path in (out, out.with_suffix(".json")):
+            path.write_text("the other run's result")
+        return real_process_subject(*args)
+
+    monkeypatch.setattr(creation, "_process_subject", other_run_finishes_first)
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli_args(paths, out))
+    assert exit_info.value.code == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cohort.hdf5", "cohort.json"]
+    assert out.read_text() == out.with_suffix(".json").read_text() == "the other run's result"

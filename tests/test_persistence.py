@@ -281,6 +281,9 @@ def test_l2t_loads_even_if_transformer_module_is_broken(tmp_path, monkeypatch):
     (lambda d: (d / "parameters.json").write_text('{"nb_features": 2,'), "parameters.json"),
     (lambda d: (d / "parameters.json").write_text("[1, 2]"), "parameters.json"),
     (lambda d: (d / "model_state.pkl").write_bytes(b"not a torch file"), "model_state.pkl"),
+    # Truncated inside the zip's data records: torch raises OSError.
+    (lambda d: (d / "model_state.pkl").write_bytes((d / "model_state.pkl").read_bytes()[:-4000]),
+     "model_state.pkl is not a readable"),
     (lambda d: (d / "model_type.txt").write_text("FancyModel"), "FancyModel"),
     (lambda d: torch.save({"rnn_model.rnn_0.weight_ih_l0": torch.zeros(2, 2)}, d / "model_state.pkl"),
      "model_state.pkl does not match"),

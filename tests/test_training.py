@@ -2,7 +2,15 @@
 reproducibility and resume, bad-input errors, log plots."""
 
 import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -258,6 +266,9 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_hdf5, tmp_path):
                                 "--kernel_size", "2"], "grid"),
     (("input", "streamlines"), ["--dg_key", "sphere-classification", "--add_eos", "--eos_weight", "2"],
      "eos_weight"),
+    (("input", "streamlines"), ["--eos_weight", "2"], "--eos_weight needs --add_eos"),
+    (("input", "streamlines"), ["--prev_dirs_embedding_key", "nn_embedding", "--prev_dirs_embedded_size", "8"],
+     "needs --nb_previous_dirs >= 1"),
 ])
 def test_bad_options_fail_before_training(tiny_hdf5, tmp_path, capsys, positionals, options, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -303,6 +314,20 @@ def test_visualize_logs_writes_pngs(tiny_hdf5, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", [lambda p: p.write_bytes(p.read_bytes()[:-10]), lambda p: p.write_bytes(b"junk"),
+                                    lambda p: np.save(p, np.array([{"a": 1}], dtype=object))],
+                         ids=["truncated", "garbage", "pickled"])
+def test_visualize_logs_refuses_a_corrupt_log(tiny_hdf5, tmp_path, capsys, damage):
+    exp = _train(l2t_main, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1")
+    damage(exp / "logs" / LOG_FILES["train_loss"])
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_logs.main([str(exp), "--save_figures", str(tmp_path / "plots" / "run_")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train_loss_monitor_per_epoch.npy" in err[0], err
+    assert not (tmp_path / "plots").exists() or not any((tmp_path / "plots").iterdir())
+
+
 @pytest.mark.parametrize("main", [l2t_main, tt_main, l2t_resume_main, tt_resume_main, visualize_logs.main])
 def test_help(main, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -339,3 +364,102 @@ def test_model_config_asdict_is_parameters_json(tiny_hdf5, tmp_path):
     saved = json.loads((exp / "best_model" / "parameters.json").read_text())
     from dataclasses import asdict
     assert list(asdict(model.config).items()) == list(saved.items())
+
+
+# ---------------------------------------------------------------------------------------------- faults (issue 11)
+def _start_training(exps, name, hdf5, *options):
+    """``l2t_train_model`` in a subprocess (a real process to send SIGTERM to)."""
+    code = "import sys; from trackflow.cli.train import l2t_main; l2t_main(sys.argv[1:])"
+    return subprocess.Popen([sys.executable, "-c", code, str(exps), name, str(hdf5), "input", "streamlines",
+                             *TINY_L2T, *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _sigterm_once_training_started(process, exps, name):
+    """SIGTERM the run once its (temporary) experiment holds its parameters, i.e. during epoch 1."""
+    deadline = time.monotonic() + 60
+    while not list(exps.glob(f".{name}.*.tmp/parameters_latest.json")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode != 0
+
+
+def test_interrupted_overwrite_keeps_the_old_experiment(tiny_hdf5, tmp_path):
+    exp = _train(l2t_main, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1")
+    before = {p.relative_to(exp): p.read_bytes() for p in exp.rglob("*") if p.is_file()}
+    _sigterm_once_training_started(_start_training(tmp_path, "exp", tiny_hdf5, "--max_epochs", "500", "-f"),
+                                   tmp_path, "exp")
+    assert {p.relative_to(exp): p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
+def test_interrupted_training_leaves_no_husk(tiny_hdf5, tmp_path):
+    _sigterm_once_training_started(_start_training(tmp_path, "exp", tiny_hdf5, "--max_epochs", "500"),
+                                   tmp_path, "exp")
+    assert list(tmp_path.iterdir()) == []
+    # Nothing blocks the rerun without -f.
+    assert (_train(l2t_main, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1") / "best_model").is_dir()
+
+
+def _hdf5_copy(tiny_hdf5, tmp_path, change):
+    path = tmp_path / "changed.hdf5"
+    shutil.copyfile(tiny_hdf5, path)
+    with h5py.File(path, "r+") as f:
+        change(f)
+    return path
+
+
+@pytest.mark.parametrize("subject, group, what", [("sub-01", "input", "voxel values"),
+                                                  ("sub-02", "streamlines", "point coordinates")])
+def test_nan_data_is_named_before_training(tiny_hdf5, tmp_path, capsys, subject, group, what):
+    def add_nan(f):
+        f[subject][group]["data"][3, 1] = np.nan
+    hdf5 = _hdf5_copy(tiny_hdf5, tmp_path, add_nan)
+    with pytest.raises(SystemExit) as exit_info:
+        _train(l2t_main, tmp_path, "exp", hdf5, *TINY_L2T, "--max_epochs", "1")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"subject '{subject}', group '{group}'" in err[0] and what in err[0]
+    assert not (tmp_path / "exp").exists()
+
+
+def test_resume_with_an_hdf5_of_other_features_writes_nothing(tiny_hdf5, tmp_path, capsys):
+    exp = _train(l2t_main, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1")
+    before = {p.relative_to(exp): p.read_bytes() for p in exp.rglob("*") if p.is_file()}
+
+    def drop_a_feature(f):
+        for subject in ("sub-01", "sub-02"):
+            group = f[subject]["input"]
+            data = group["data"][()][..., 1:]
+            del group["data"]
+            group.create_dataset("data", data=data)
+            group.attrs["nb_features"] = data.shape[-1]
+    hdf5 = _hdf5_copy(tiny_hdf5, tmp_path, drop_a_feature)
+    with pytest.raises(SystemExit):
+        l2t_resume_main([str(tmp_path), "exp", "--new_max_epochs", "2", "--hdf5_file", str(hdf5)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "features" in err[0]
+    assert {p.relative_to(exp): p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("damage", ["truncate", "malicious"])
+def test_unreadable_checkpoint_on_resume(tiny_hdf5, tmp_path, capsys, damage):
+    exp = _train(l2t_main, tmp_path, "exp", tiny_hdf5, *TINY_L2T, "--max_epochs", "1")
+    state_file = exp / "checkpoint" / "checkpoint_state.pkl"
+    if damage == "truncate":
+        state_file.write_bytes(state_file.read_bytes()[:-5000])
+    else:
+        state_file.write_bytes(pickle.dumps(_Malicious()))
+    with pytest.raises(SystemExit) as exit_info:
+        l2t_resume_main([str(tmp_path), "exp", "--new_max_epochs", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint_state.pkl is not a readable checkpoint" in err[0]
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Malicious:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))

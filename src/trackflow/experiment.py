@@ -7,16 +7,18 @@
       checkpoint/        checkpoint_state.pkl  model/{parameters.json, model_type.txt, model_state.pkl}
       logs/              <monitor>_per_epoch.npy, <monitor>_duration.npy
 
-Model directories are written by ``trackflow.models.persistence.save_model_dir``. Directories are replaced
+A new experiment is trained in a temporary folder beside its final name (``ExperimentFolder.building``)
+and renamed when training ends. Model directories are written by
+``trackflow.models.persistence.save_model_dir``. Directories are replaced
 atomically (written under a temporary name, then renamed; ``checkpoint/`` as a whole, model and trainer
 state together), so a run killed while saving leaves the previous checkpoint intact.
 ``checkpoint_state.pkl`` holds only tensors, numbers, strings, lists and dicts: it loads with
 ``torch.load(..., weights_only=True)``.
 """
 
+import contextlib
 import datetime
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ import torch
 
 from trackflow.errors import TrackflowError
 from trackflow.files import atomic_directory, atomic_output
-from trackflow.models.persistence import save_model_dir
+from trackflow.models.persistence import load_torch_file, save_model_dir
 
 # Trainer monitor name -> file name in logs/ (dwi_ml's names).
 LOG_FILES = {
@@ -62,11 +64,19 @@ class ExperimentFolder:
                                  "resume script to continue it)")
         return folder
 
-    def create(self) -> None:
-        """Create the (empty) folder, replacing an existing one; call after every input check passed."""
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.logs_dir.mkdir(parents=True)
+    @contextlib.contextmanager
+    def building(self, overwrite: bool):
+        """Yield an ``ExperimentFolder`` under a temporary name beside this one; it replaces this folder
+        only when the block completes.
+
+        A failed or interrupted training therefore leaves no folder without a model, and an experiment
+        replaced with ``-f`` survives until its replacement is complete. Without ``overwrite`` the final
+        rename refuses an experiment created meanwhile by another run.
+        """
+        with atomic_directory(self.path, overwrite=overwrite) as tmp_dir:
+            new = ExperimentFolder(tmp_dir)
+            new.logs_dir.mkdir()
+            yield new
 
     @classmethod
     def open_existing(cls, experiments_path, experiment_name: str) -> "ExperimentFolder":
@@ -105,7 +115,10 @@ class ExperimentFolder:
             torch.save(state, tmp_dir / "checkpoint_state.pkl")
 
     def load_checkpoint_state(self, device="cpu") -> dict:
-        return torch.load(self.checkpoint_state_file, map_location=device, weights_only=True)
+        state = load_torch_file(self.checkpoint_state_file, device, "checkpoint")
+        if not isinstance(state, dict):
+            raise TrackflowError(f"{self.checkpoint_state_file} does not hold a checkpoint dict")
+        return state
 
     # ------------------------------------------------------------------ logs
     def save_logs(self, monitors: dict) -> None:
@@ -117,5 +130,16 @@ class ExperimentFolder:
 
     def read_logs(self) -> dict:
         """Monitor name -> per-epoch array, for the log files present."""
-        return {name: np.load(self.logs_dir / file_name) for name, file_name in LOG_FILES.items()
+        return {name: _read_log(self.logs_dir / file_name) for name, file_name in LOG_FILES.items()
                 if (self.logs_dir / file_name).is_file()}
+
+
+def _read_log(path: Path) -> np.ndarray:
+    """A 1-D numeric ``.npy`` log; a truncated, garbage or pickled file is one error."""
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise TrackflowError(f"cannot read log {path}: {e}") from None
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.number):
+        raise TrackflowError(f"log {path} is not a 1-D numeric array (shape {values.shape}, {values.dtype})")
+    return values

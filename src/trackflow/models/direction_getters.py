@@ -620,6 +620,8 @@ def dg_args_from_options(dg_key: str, *, dropout: float, add_eos: bool, eos_weig
                             ("dg_nb_clusters", ("fisher-von-mises-mixture",))):
         if given[option] is not None and dg_key not in allowed:
             raise TrackflowError(f"--{option} does not apply to --dg_key {dg_key} (only to {', '.join(allowed)})")
+    if not add_eos and eos_weight != 1.0:
+        raise TrackflowError("--eos_weight needs --add_eos (without an EOS output there is no EOS loss to weight)")
     dg_args = {"dropout": dropout, "add_eos": add_eos, "eos_weight": eos_weight}
     if dg_key in REGRESSION_HEADS:
         dg_args.update(normalize_targets=normalize_targets, normalize_outputs=normalize_outputs)

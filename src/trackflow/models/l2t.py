@@ -44,6 +44,13 @@ class L2TConfig(ModelConfig):
     use_layer_normalization: bool = False
     dropout: float = 0.0
 
+    def __post_init__(self):
+        # Refused for new models only: the constructor ignores the key without previous directions, and
+        # saved folders (dwi_ml's too) may hold that combination.
+        if self.nb_previous_dirs == 0 and self.prev_dirs_embedding_key not in (None, "no_embedding"):
+            raise TrackflowError(f"--prev_dirs_embedding_key {self.prev_dirs_embedding_key} needs "
+                                 "--nb_previous_dirs >= 1 (there is no previous direction to embed)")
+
 
 class StackedRNN(nn.Module):
     """k single-layer RNNs with optional LayerNorm, skip connections, and Dropout + ReLU between layers.

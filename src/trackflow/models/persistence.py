@@ -5,8 +5,6 @@ deprecated experiment" scripts rewrite (``dwi_ml-checkpoints.md`` §1.6).
 """
 
 import json
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -105,14 +103,24 @@ def _read_params(path: Path) -> dict:
     return params
 
 
+def load_torch_file(file: Path, device, what: str):
+    """``torch.load(..., weights_only=True)`` of an untrusted file; any failure is one TrackflowError.
+
+    weights_only never runs code, but damaged or hostile bytes raise a dozen exception types (EOFError,
+    RuntimeError, OSError, UnpicklingError, struct.error, UnicodeDecodeError, ...): all mean "not readable".
+    """
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - see above
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        raise TrackflowError(f"{file} is not a readable {what} ({type(e).__name__}: {reason})") from None
+
+
 def _read_state_dict(path: Path, device) -> dict:
     file = path / STATE_FILE
     if not file.is_file():
         raise TrackflowError(f"model folder {path} has no {STATE_FILE}")
-    try:
-        state_dict = torch.load(file, map_location=device, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise TrackflowError(f"{file} is not a readable torch state dict ({type(e).__name__})") from None
+    state_dict = load_torch_file(file, device, "torch state dict")
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise TrackflowError(f"{file} does not hold a plain state dict of tensors")
     return state_dict

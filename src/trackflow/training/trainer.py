@@ -335,6 +335,17 @@ def _check_groups(cohort, input_group: str, streamline_group: str) -> int:
     return int(volume_groups[input_group])
 
 
+def _check_cohort(cohort, input_group: str, streamline_group: str) -> int:
+    """Validate the groups and refuse non-finite training data (which would only show up later as a NaN
+    gradient); return the input group's number of features."""
+    nb_features = _check_groups(cohort, input_group, streamline_group)
+    for subset in ("training", "validation"):
+        for subject in cohort.subjects(subset):
+            cohort.check_finite(subject, input_group, "volume")
+            cohort.check_finite(subject, streamline_group, "streamlines")
+    return nb_features
+
+
 def train_new_experiment(experiments_path, experiment_name: str, hdf5_file, input_group: str,
                          streamline_group: str, *, model_type: str, model_config: ModelConfig,
                          training_sampler: SamplerParams, validation_sampler: SamplerParams,
@@ -342,7 +353,10 @@ def train_new_experiment(experiments_path, experiment_name: str, hdf5_file, inpu
                          use_gpu: bool = False, overwrite: bool = False) -> ExperimentFolder:
     """Create ``experiments_path/experiment_name`` and train a new model in it.
 
-    Every check (folder, hdf5, groups, model parameters) runs before the folder is created or replaced.
+    Every check (folder, hdf5, groups, finite data, model parameters) runs before anything is written. The
+    experiment is built under a temporary name and replaces ``experiment_name`` only once training ends, so
+    a failed or interrupted run leaves no folder without a model, and an experiment replaced with
+    ``overwrite`` survives until then.
 
     Parameters
     ----------
@@ -358,18 +372,18 @@ def train_new_experiment(experiments_path, experiment_name: str, hdf5_file, inpu
     folder = ExperimentFolder.check_new(experiments_path, experiment_name, overwrite)
     device = select_device(use_gpu)
     with HDF5Cohort(hdf5_file) as cohort:
-        nb_features = _check_groups(cohort, input_group, streamline_group)
+        nb_features = _check_cohort(cohort, input_group, streamline_group)
         model_params = dict(asdict(model_config), nb_features=nb_features)
         if all(model_params.get(k) in (None, False) for k in ("step_size", "compress_lines", "nb_points")):
             model_params.update(step_size=cohort.step_size, compress_lines=cohort.compress or None,
                                 nb_points=cohort.nb_points)
         torch.manual_seed(trainer.rng)
         model = model_class(model_type)(**model_params).to(device)
-        runner = Trainer(model, folder, cohort, input_group, streamline_group, model_type, training_sampler,
-                         validation_sampler, loader, trainer, data, device)
-        folder.create()
-        folder.write_parameters(runner.run_parameters())
-        runner.run()
+        with folder.building(overwrite) as new_folder:
+            runner = Trainer(model, new_folder, cohort, input_group, streamline_group, model_type,
+                             training_sampler, validation_sampler, loader, trainer, data, device)
+            new_folder.write_parameters(runner.run_parameters())
+            runner.run()
     return folder
 
 
@@ -415,7 +429,10 @@ def resume_experiment(model_family: str, experiments_path, experiment_name: str,
     device = select_device(use_gpu)
     model = load_model_dir(folder.checkpoint_model_dir, device)
     with HDF5Cohort(hdf5_file if hdf5_file is not None else dataset["hdf5_file"]) as cohort:
-        _check_groups(cohort, dataset["input_group"], dataset["streamline_group"])
+        nb_features = _check_cohort(cohort, dataset["input_group"], dataset["streamline_group"])
+        if nb_features != model.nb_features:
+            raise TrackflowError(f"input group {dataset['input_group']!r} of {cohort.path} has {nb_features} "
+                                 f"features but the model of {folder.path} takes {model.nb_features}")
         samplers = state["batch_sampler_params"]
         runner = Trainer(model, folder, cohort, dataset["input_group"], dataset["streamline_group"],
                          state["model_type"], SamplerParams(**samplers["training"]),

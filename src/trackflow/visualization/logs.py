@@ -85,7 +85,7 @@ def plot_logs(experiments, save_prefix=None, overwrite: bool = False) -> list:
         if drawn:
             ax.legend()
         fig.tight_layout()
-        with atomic_output(outputs[name]) as tmp:
+        with atomic_output(outputs[name], overwrite=overwrite) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
         LOGGER.info("wrote %s", outputs[name])

@@ -85,7 +85,7 @@ def _load_nifti_header(path: Path) -> nib.Nifti1Image:
     try:
         img = nib.load(path)
     except Exception as e:  # nibabel raises several types for corrupt files
-        raise TrackflowError(f"cannot read {path} as NIfTI: {e}") from None
+        raise TrackflowError(f"cannot read {path} as NIfTI: {_first_line(e)}") from None
     if len(img.shape) not in (3, 4):
         raise TrackflowError(f"{path} is {len(img.shape)}D; expected a 3D or 4D volume")
     return img
@@ -100,8 +100,21 @@ def _check_same_grid(img: nib.Nifti1Image, path: Path, ref: nib.Nifti1Image, ref
                              "size differ)")
 
 
-def _read_float32_4d(img: nib.Nifti1Image) -> np.ndarray:
-    data = np.asarray(img.dataobj, dtype=np.float32)  # dataobj: nibabel keeps no cached copy
+def _read_data(img: nib.Nifti1Image, path: Path, dtype=None) -> np.ndarray:
+    """The image's voxels (the header was read at load; a truncated or damaged body fails here)."""
+    try:
+        return np.asarray(img.dataobj, dtype=dtype)  # dataobj: nibabel keeps no cached copy
+    except Exception as e:  # gzip, zlib and nibabel raise EOFError, zlib.error, OSError, ValueError...
+        raise TrackflowError(f"cannot read the voxels of {path} (truncated or damaged?): "
+                             f"{type(e).__name__}: {_first_line(e)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
+def _read_float32_4d(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    data = _read_data(img, path, np.float32)
     return data[..., None] if data.ndim == 3 else data
 
 
@@ -141,7 +154,7 @@ def _std_mask(subject_dir, group: VolumeGroupConfig, ref_img, ref_path, enforce
     for path in paths:
         img = _load_nifti_header(path)
         _check_same_grid(img, path, ref_img, ref_path)
-        mask |= (_read_float32_4d(img) > 0).any(axis=-1)
+        mask |= (_read_float32_4d(img, path) > 0).any(axis=-1)
     return mask
 
 
@@ -177,7 +190,7 @@ def load_volume_group(subject_dir: Path, group: VolumeGroupConfig, enforce_prese
     start = 0
     for img, path, n in zip(images, paths, n_features):
         block = data[..., start:start + n]
-        block[...] = _read_float32_4d(img)
+        block[...] = _read_float32_4d(img, path)
         if mode == "per_file":
             file_mask = mask if mask is not None else (block != 0).all(axis=-1)
             standardize_in_place(block, file_mask, per_feature=False, where=str(path))
@@ -228,13 +241,16 @@ def _process_tractogram(path: Path, group: StreamlineGroupConfig, ref_img, optio
     if suffix == ".tck" and ref_img is None:
         raise TrackflowError(f"{path}: a .tck file needs a volume group in the config to give its "
                              "reference space")
-    if suffix == ".trk" and ref_img is not None and not _same_space(str(path), ref_img):
-        raise TrackflowError(f"{path} is not header-compatible with the subject's volumes")
     try:
+        # Reading the header of an empty or garbage .trk fails too: it belongs inside the try.
+        if suffix == ".trk" and ref_img is not None and not _same_space(str(path), ref_img):
+            raise TrackflowError(f"{path} is not header-compatible with the subject's volumes")
         sft = load_tractogram(str(path), ref_img if suffix == ".tck" else "same",
                               bbox_valid_check=False)
+    except TrackflowError:
+        raise
     except Exception as e:  # nibabel/dipy raise many types for corrupt files
-        raise TrackflowError(f"cannot read tractogram {path}: {e}") from None
+        raise TrackflowError(f"cannot read tractogram {path}: {_first_line(e)}") from None
 
     missing = [k for k in group.dps_keys if k not in sft.data_per_streamline]
     if missing:
@@ -330,7 +346,7 @@ def _write_connectivity(h5_group: h5py.Group, group: StreamlineGroupConfig, subj
                                                              dtype=np.int64)
     else:
         labels_path = subject_dir / group.connectivity_labels
-        labels = np.asarray(_load_nifti_header(labels_path).dataobj)
+        labels = _read_data(_load_nifti_header(labels_path), labels_path)
         if not np.issubdtype(labels.dtype, np.integer) and not np.array_equal(labels,
                                                                               np.round(labels)):
             raise TrackflowError(f"connectivity labels {labels_path} are not integer labels")
@@ -351,15 +367,34 @@ def _attr_or_not_defined(value):
     return NOT_DEFINED if value is None else value
 
 
+def is_mask_group(group: VolumeGroupConfig) -> bool:
+    """Whether a volume group holds a mask (seeding, tracking, WM...): the config has no mask type, so its
+    name or its files say so (``wm_mask``, ``masks/*__mask_wm.nii.gz``)."""
+    return "mask" in group.name.lower() or any("mask" in pattern.lower() for pattern in group.files)
+
+
+def _check_mask_values(data: np.ndarray, subject: str, group: VolumeGroupConfig) -> None:
+    # A NaN mask voxel compares false everywhere, so an all-NaN mask would mean "inside everywhere".
+    bad = np.count_nonzero(~np.isfinite(data))
+    if bad:
+        raise TrackflowError(f"subject '{subject}', mask group '{group.name}': {bad} NaN or infinite "
+                             "voxel values")
+
+
 def _process_subject(h5_file: h5py.File, root: Path, subject: str, groups, options: dict,
-                     intermediate_dir: Path | None) -> None:
+                     intermediate_dir: Path | None) -> dict[str, int]:
+    """Write one subject's groups; return each volume group's number of features."""
     subject_dir = root / subject
+    nb_features = {}
     h5_subject = h5_file.create_group(subject)
     ref_img, ref_group = None, None
     for group in groups:
         if not isinstance(group, VolumeGroupConfig):
             continue
         data, img = load_volume_group(subject_dir, group, options["enforce_presence"])
+        if is_mask_group(group):
+            _check_mask_values(data, subject, group)
+        nb_features[group.name] = data.shape[-1]
         if ref_img is None:
             ref_img, ref_group = img, group.name
         else:
@@ -379,6 +414,20 @@ def _process_subject(h5_file: h5py.File, root: Path, subject: str, groups, optio
                             bbox_valid_check=False)
         del sft
     h5_file.flush()
+    return nb_features
+
+
+def _check_same_features(nb_features: dict[str, int], subject: str, first: dict) -> None:
+    """Every subject's volume group has the first subject's number of features (what the model takes).
+
+    ``first`` maps group -> (subject, count) and is filled on the way.
+    """
+    for group, count in nb_features.items():
+        first_subject, first_count = first.setdefault(group, (subject, count))
+        if count != first_count:
+            raise TrackflowError(f"group '{group}' has {count} features in subject '{subject}' but "
+                                 f"{first_count} in subject '{first_subject}'; every subject needs the "
+                                 "same files")
 
 
 def create_hdf5_dataset(dwi_ml_ready_folder, out_hdf5_file, config_file, training_subjs,
@@ -425,6 +474,9 @@ def create_hdf5_dataset(dwi_ml_ready_folder, out_hdf5_file, config_file, trainin
     elif out.suffix != ".hdf5":
         raise TrackflowError(f"output {out} must have the .hdf5 extension")
     out_config = out.with_suffix(".json")
+    for path in (out, out_config):
+        if path.is_dir():
+            raise TrackflowError(f"output {path} is a directory")
     check_outputs([out, out_config], overwrite)
     if sum(v is not None for v in (step_size, nb_points, compress)) > 1:
         raise TrackflowError("give at most one of step_size, nb_points and compress")
@@ -443,7 +495,10 @@ def create_hdf5_dataset(dwi_ml_ready_folder, out_hdf5_file, config_file, trainin
         intermediate_dir = out.parent / f"intermediate_{datetime.now():%Y_%m_%d_%H%M%S}"
         intermediate_dir.mkdir(parents=True, exist_ok=True)
 
-    with atomic_output(out) as tmp:
+    # The hdf5 and its .json appear together: the .json is renamed into place only after the hdf5.
+    with atomic_output(out_config, overwrite=overwrite) as tmp_config, \
+            atomic_output(out, overwrite=overwrite) as tmp:
+        shutil.copyfile(config_file, tmp_config)
         with h5py.File(tmp, "w") as h5_file:
             h5_file.attrs["data_and_time"] = datetime.now().strftime("%d %B %Y %H:%M:%S")
             h5_file.attrs["chosen_subjs"] = _string_array(chosen)
@@ -454,11 +509,11 @@ def create_hdf5_dataset(dwi_ml_ready_folder, out_hdf5_file, config_file, trainin
             h5_file.attrs["nb_points"] = _attr_or_not_defined(nb_points)
             h5_file.attrs["compress"] = _attr_or_not_defined(compress)
             h5_file.attrs["version"] = HDF5_LAYOUT_VERSION
+            first_features = {}
             for i, subject in enumerate(chosen):
                 LOGGER.info("subject %s (%d/%d)", subject, i + 1, len(chosen))
-                _process_subject(h5_file, root, subject, groups, options, intermediate_dir)
-        with atomic_output(out_config) as tmp_config:
-            shutil.copyfile(config_file, tmp_config)
+                nb_features = _process_subject(h5_file, root, subject, groups, options, intermediate_dir)
+                _check_same_features(nb_features, subject, first_features)
     return out
 
 

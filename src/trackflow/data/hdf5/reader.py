@@ -4,6 +4,7 @@ Opening is cheap: only root attributes are read. Volumes and streamlines are rea
 streamline groups are validated (``check_streamline_group``) each time they are read.
 """
 
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ _STREAMLINE_DATASETS = ("data", "offsets", "lengths", "euclidean_lengths")
 # Reading a few streamlines by slices beats reading the whole data block while the selection is
 # smaller than this fraction of the group.
 _SLICE_READ_FRACTION = 1 / 8
+_FINITE_CHECK_ELEMENTS = 1 << 24  # values read at once by check_finite
 
 
 @dataclass
@@ -119,6 +121,24 @@ def _rows_of(offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return starts + np.arange(lengths.sum())
 
 
+def _damage_is_an_error(method):
+    """h5py reports a damaged object header or data block as KeyError, OSError or RuntimeError when the
+    object is opened or read: make it the one-line error of a bad input, for every reader of the file."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (KeyError, OSError, RuntimeError) as e:
+            reason = str(e).strip("'\"") or type(e).__name__
+            raise TrackflowError(f"{self.path} is damaged ({reason})") from None
+    return wrapper
+
+
+def _members(group: h5py.Group):
+    # Not group.items(): it yields None, not an error, for a member whose object header is damaged.
+    return ((name, group[name]) for name in group)
+
+
 class HDF5Cohort:
     """Read-only view of a cohort hdf5 file; use as a context manager.
 
@@ -145,10 +165,17 @@ class HDF5Cohort:
             self._file = h5py.File(self.path, "r")
         except OSError:
             raise TrackflowError(f"{self.path} is not an hdf5 file") from None
+        try:
+            self._read_root_attributes()
+        except BaseException:
+            self._file.close()
+            raise
+
+    @_damage_is_an_error
+    def _read_root_attributes(self) -> None:
         attrs = self._file.attrs
         missing = [a for a in _REQUIRED_ROOT_ATTRS if a not in attrs]
         if missing:
-            self._file.close()
             raise TrackflowError(f"{self.path} is not a cohort hdf5 file (missing root "
                                  f"attribute(s) {missing})")
         self.step_size = _optional_number(attrs["step_size"])
@@ -184,13 +211,15 @@ class HDF5Cohort:
                 return self._subject(subjects[0])
         raise TrackflowError(f"{self.path} lists no subject")
 
+    @_damage_is_an_error
     def volume_groups(self) -> dict[str, int]:
         """Volume group name -> number of features F (from the first subject)."""
-        return {name: int(g.attrs["nb_features"]) for name, g in self._first_subject().items()
+        return {name: int(g.attrs["nb_features"]) for name, g in _members(self._first_subject())
                 if _decode(g.attrs.get("type")) == "volume"}
 
+    @_damage_is_an_error
     def streamline_groups(self) -> list[str]:
-        return [name for name, g in self._first_subject().items()
+        return [name for name, g in _members(self._first_subject())
                 if _decode(g.attrs.get("type")) == "streamlines"]
 
     def _subject(self, subject: str) -> h5py.Group:
@@ -211,8 +240,23 @@ class HDF5Cohort:
                                  f"not {group_type!r}")
         return h5_group
 
+    @_damage_is_an_error
+    def check_finite(self, subject: str, group: str, group_type: str) -> None:
+        """Refuse NaN or infinite values in a ``'volume'`` group or a ``'streamlines'`` group's points.
+
+        Read slab by slab, so that checking a large lazy cohort costs no more memory than one slab.
+        """
+        data = self._group(subject, group, group_type)["data"]
+        step = max(1, _FINITE_CHECK_ELEMENTS // max(1, int(np.prod(data.shape[1:]))))
+        bad = sum(int(np.count_nonzero(~np.isfinite(data[i:i + step]))) for i in range(0, data.shape[0], step))
+        if bad:
+            what = "voxel values" if group_type == "volume" else "point coordinates"
+            raise TrackflowError(f"subject '{subject}', group '{group}' of {self.path}: {bad} NaN or "
+                                 f"infinite {what}; fix the input files and recreate the hdf5")
+
     # -- volumes ---------------------------------------------------------------------------
 
+    @_damage_is_an_error
     def read_volume(self, subject: str, group: str) -> Volume:
         """The whole volume group, [X, Y, Z, F] float32."""
         h5_group = self._group(subject, group, "volume")
@@ -220,6 +264,7 @@ class HDF5Cohort:
                       affine=np.asarray(h5_group.attrs["affine"], dtype=np.float64),
                       voxres=np.asarray(h5_group.attrs["voxres"], dtype=np.float64))
 
+    @_damage_is_an_error
     def reference_nifti(self, subject: str, group: str) -> nib.Nifti1Image:
         """A NIfTI image with the grid (shape, affine, voxel sizes) of a volume group.
 
@@ -239,9 +284,11 @@ class HDF5Cohort:
         check_streamline_group(h5_group)
         return h5_group
 
+    @_damage_is_an_error
     def streamlines_count(self, subject: str, group: str) -> int:
         return int(self._group(subject, group, "streamlines")["lengths"].shape[0])
 
+    @_damage_is_an_error
     def euclidean_lengths(self, subject: str, group: str) -> np.ndarray:
         """Length of each streamline in mm (computed in RASMM at creation), [S] float64."""
         return np.asarray(self._streamline_group(subject, group)["euclidean_lengths"][()],
@@ -257,6 +304,7 @@ class HDF5Cohort:
                                  f"({n_streamlines} streamlines)")
         return indices % max(n_streamlines, 1)
 
+    @_damage_is_an_error
     def read_streamlines(self, subject: str, group: str, indices=None) -> ArraySequence:
         """Streamlines in vox/corner, float32, in the order of ``indices`` (all when None).
 
@@ -288,6 +336,7 @@ class HDF5Cohort:
             points = np.asarray(data[()], dtype=np.float32)[_rows_of(sel_offsets, sel_lengths)]
         return array_sequence_from_parts(points, new_offsets, sel_lengths)
 
+    @_damage_is_an_error
     def data_per_streamline(self, subject: str, group: str, indices=None) -> dict[str, np.ndarray]:
         """Kept dps keys -> [B, K] arrays (all streamlines when ``indices`` is None)."""
         h5_group = self._streamline_group(subject, group)
@@ -304,6 +353,7 @@ class HDF5Cohort:
         header["voxel_order"] = _decode(h5_group.attrs["voxel_order"])
         return header
 
+    @_damage_is_an_error
     def to_sft(self, subject: str, group: str, indices=None) -> StatefulTractogram:
         """The streamlines (and kept dps) as a vox/corner StatefulTractogram."""
         h5_group = self._streamline_group(subject, group)
@@ -321,21 +371,25 @@ def print_architecture(path, out=None) -> None:
     """
     out = out if out is not None else sys.stdout
     with HDF5Cohort(path) as cohort:
-        h5_file = cohort._file
-        print(f"hdf5 file: {cohort.path}", file=out)
-        print("root attributes:", file=out)
-        for name, value in h5_file.attrs.items():
-            print(f"  {name}: {_format_attr(value)}", file=out)
-        for subset in SUBSET_NAMES:
-            subjects = cohort.subjects(subset)
-            print(f"{subset} subjects ({len(subjects)}): {', '.join(subjects)}", file=out)
-        first = cohort._first_subject()
-        print(f"groups of the first subject '{first.name.lstrip('/')}':", file=out)
-        for name, group in first.items():
-            print(f"  {name}:", file=out)
-            for attr, value in group.attrs.items():
-                print(f"    attr {attr}: {_format_attr(value)}", file=out)
-            group.visititems(lambda sub, obj: print(_format_member(sub, obj), file=out))
+        _damage_is_an_error(_print_architecture)(cohort, out)
+
+
+def _print_architecture(cohort: HDF5Cohort, out) -> None:
+    h5_file = cohort._file
+    print(f"hdf5 file: {cohort.path}", file=out)
+    print("root attributes:", file=out)
+    for name, value in h5_file.attrs.items():
+        print(f"  {name}: {_format_attr(value)}", file=out)
+    for subset in SUBSET_NAMES:
+        subjects = cohort.subjects(subset)
+        print(f"{subset} subjects ({len(subjects)}): {', '.join(subjects)}", file=out)
+    first = cohort._first_subject()
+    print(f"groups of the first subject '{first.name.lstrip('/')}':", file=out)
+    for name, group in _members(first):
+        print(f"  {name}:", file=out)
+        for attr, value in group.attrs.items():
+            print(f"    attr {attr}: {_format_attr(value)}", file=out)
+        group.visititems(lambda sub, obj: print(_format_member(sub, obj), file=out))
 
 
 def _format_member(name: str, obj) -> str:
