@@ -6,7 +6,7 @@ rule track:
         experiment=experiment_dir,
         hdf5="results/hdf5/cohort.hdf5",
     output:
-        f"results/tracking/{{subject}}/{{model}}.{EXT}",
+        output_name("tracking", f".{EXT}"),
     params:
         script=model_script("track_from_model"),
         input_group=lambda wildcards: MODELS[wildcards.model]["input_group"],
@@ -28,13 +28,15 @@ rule track:
 
 rule filter_by_length:
     input:
-        f"results/tracking/{{subject}}/{{model}}.{EXT}",
+        tractogram=output_name("tracking", f".{EXT}"),
+        reference=filtering_reference,
     output:
-        tractogram=f"results/filtering/{{subject}}/{{model}}.{EXT}",
+        tractogram=output_name("filtering", f".{EXT}"),
         # one row: subject, model, streamline counts and lengths before and after
-        counts="results/filtering/{subject}/{model}_counts.tsv",
+        counts=output_name("filtering", "_counts.tsv"),
     params:
-        options=filtering_options,
+        options=filtering_options(),
+        reference=lambda wildcards, input: f"--reference {input.reference}" if input.reference else "",
     log:
         "logs/filtering/{subject}/{model}.log",
     benchmark:
@@ -43,5 +45,6 @@ rule filter_by_length:
         "../../envs/trackflow.yaml"
     shell:
         # scilpy's length filter, plus counts for the summary and .trx support
-        "trackflow_filter_by_length {input} {output.tractogram} --out_counts {output.counts}"
-        " --subject {wildcards.subject} --model {wildcards.model} {params.options} -v INFO > {log} 2>&1"
+        "trackflow_filter_by_length {input.tractogram} {output.tractogram} --out_counts {output.counts}"
+        " --subject {wildcards.subject} --model {wildcards.model} {params.options} {params.reference}"
+        " -v INFO > {log} 2>&1"
