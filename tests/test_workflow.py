@@ -72,6 +72,8 @@ elif name.endswith("_track_from_model"):
     Path(positional[3]).write_text("streamline\n" * n_streamlines)
 elif name == "trackflow_filter_by_length":
     from trackflow.visualization.summary import COUNT_COLUMNS, KEYS
+    if positional[0].endswith(".tck") and not Path(option("--reference", "")).is_file():
+        sys.exit("stand-in filter: a .tck needs an existing --reference")
     n_before = len(Path(positional[0]).read_text().splitlines())
     n_after = n_before // 2
     Path(positional[1]).write_text("streamline\n" * n_after)
@@ -272,6 +274,28 @@ def test_prob_tracking_passes_every_tracking_option(tmp_path):
                           ("--hdf5_file", "results/hdf5/cohort.hdf5"), ("--subset", "testing")]:
         assert words[words.index(option) + 1] == value, option
     assert "--discard_last_point" in words and "--nt" not in words and "--use_gpu" not in words
+
+
+def test_tck_runs_end_to_end_with_a_subject_reference_and_plans_hdf5_grids_without_one(tmp_path):
+    env = write_standins(tmp_path / "bin")
+    cohort = placeholder_cohort(tmp_path / "cohort", ["s1", "s2"])
+    experiment = existing_experiment(tmp_path / "experiments" / "mine")
+    tracking = dict(DEMO_CONFIG["tracking"], output_format="tck")
+    config = demo_config(demo={"enabled": False}, cohort=cohort, tracking_subjects=[], tracking=tracking,
+                         models={"mine": {"kind": "l2t", "experiment": experiment}})
+    write_config(tmp_path, config)
+    # no filtering.reference: each subject's grid comes from its hdf5 volume
+    jobs = planned_jobs(snakemake(tmp_path, "-n").stdout)
+    assert [job for job in jobs if job.startswith("hdf5_reference")] == ["hdf5_reference subject=s1",
+                                                                         "hdf5_reference subject=s2"]
+    write_config(tmp_path, dict(config, filtering=dict(DEMO_CONFIG["filtering"],
+                                                       reference=f"{cohort['dwi_ml_ready']}/{{subject}}/dwi/fodf.nii.gz")))
+    snakemake(tmp_path, "--cores", "2", env=env)
+    filters = [call["args"] for call in read_calls(env) if call["cli"] == "trackflow_filter_by_length"]
+    assert sorted(args[args.index("--reference") + 1] for args in filters) == [
+        f"{cohort['dwi_ml_ready']}/{s}/dwi/fodf.nii.gz" for s in ("s1", "s2")]
+    assert (tmp_path / "results/filtering/s2/s2__mine.tck").exists()
+    assert [(r["subject"], r["model"]) for r in summary_rows(tmp_path)] == [("s1", "mine"), ("s2", "mine")]
 
 
 def test_gpu_given_as_a_string_on_the_command_line_becomes_an_integer_resource(tmp_path):
