@@ -7,55 +7,126 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 
+if not config:
+    raise WorkflowError("no config: run with --configfile (config/demo.yaml for the demo) or write "
+                        "config/config.yaml in the working directory (see config/README.md).")
 validate(config, schema="../schemas/config.schema.yaml")
 
 DEMO = config["demo"]["enabled"]
+TRACTOFLOW = config["tractoflow"]
 MODELS = config["models"]
 TRACKING = config["tracking"]
+FILTERING = config["filtering"]
 
-if TRACKING["npv"] is not None and TRACKING["nt"] is not None:
-    raise WorkflowError("config tracking: give npv or nt, not both (set the other to null).")
-if config["hdf5"]["step_size"] is not None and config["hdf5"]["compress"] is not None:
-    raise WorkflowError("config hdf5: give step_size or compress, not both.")
+
+def check(condition, message):
+    """Stop at DAG time, before any job, with a message that names the config key."""
+    if not condition:
+        raise WorkflowError(f"config {message}")
+
+
+check((TRACKING["npv"] is None) != (TRACKING["nt"] is None),
+      "tracking: give npv or nt, not both (set the other to null)" if TRACKING["npv"] is not None
+      else "tracking: give npv or nt (both are null)")
+for section in ("tracking", "filtering"):
+    check(config[section]["min_length"] <= config[section]["max_length"],
+          f"{section}.min_length ({config[section]['min_length']}) is above {section}.max_length "
+          f"({config[section]['max_length']})")
+check(config["hdf5"]["step_size"] is None or config["hdf5"]["compress"] is None,
+      "hdf5: give step_size or compress, not both.")
 VISU = config["loss_visualization"]
-if VISU["enabled"] and not (VISU["compute_histogram"] or VISU["save_colored_tractogram"]):
-    raise WorkflowError("config loss_visualization: enable compute_histogram or save_colored_tractogram "
-                        "(or set enabled: false).")
+check(not VISU["enabled"] or VISU["compute_histogram"] or VISU["save_colored_tractogram"],
+      "loss_visualization: enable compute_histogram or save_colored_tractogram (or set enabled: false).")
+check(not (DEMO and TRACTOFLOW["results"]), "demo.enabled and tractoflow.results: choose one cohort.")
+
+
+def check_training_options(name, model):
+    """Parse a model's training_options with its train command line's own parser (prefixes refused) and
+    build the model, sampler and trainer settings from them, as the command will."""
+    try:
+        from trackflow.cli.train import build_train_parser, training_arguments
+        from trackflow.errors import TrackflowError
+    except ImportError:  # Snakemake runs outside trackflow's environment (--sdm conda): the job checks them
+        return
+    key = f"models.{name}.training_options"
+
+    def refuse(message):
+        raise WorkflowError(f"config {key}: {message}")
+
+    parser = build_train_parser("", model["kind"])
+    parser.allow_abbrev = False
+    parser.error = refuse
+    args = parser.parse_args(["experiments", name, "cohort.hdf5", model["input_group"],
+                              model["streamline_group"], *shlex.split(as_cli_options(model["training_options"]))])
+    try:
+        training_arguments(args, model["kind"])
+    except TrackflowError as error:
+        refuse(error)
 
 
 def cohort_inputs():
     """Paths of the cohort's dwi_ml_ready folder, hdf5 group config and subject lists.
 
-    The demo's live under results/demo (made by make_demo); a real cohort's come from `cohort`.
+    The demo's live under results/demo (made by make_demo), a TractoFlow cohort's under results/cohort (made
+    by prepare_tractoflow); a dwi_ml-ready cohort's come from `cohort`.
     """
-    if DEMO:
+    if DEMO or TRACTOFLOW["results"]:
+        root = "results/demo/config" if DEMO else "results/cohort"
         return {
-            "dwi_ml_ready": "results/demo/dwi_ml_ready",
-            "hdf5_config": "results/demo/config/hdf5_config.json",
-            **{f"{s}_subjects": f"results/demo/config/{s}_subjs.txt"
-               for s in ("training", "validation", "testing")},
+            "dwi_ml_ready": f"{Path(root).parent if DEMO else root}/dwi_ml_ready",
+            "hdf5_config": f"{root}/hdf5_config.json",
+            **{f"{s}_subjects": f"{root}/{s}_subjs.txt" for s in ("training", "validation", "testing")},
         }
     missing = [key for key, value in config["cohort"].items() if value is None]
-    if missing:
-        raise WorkflowError(f"config cohort: {', '.join(missing)} must be set when demo.enabled is false.")
+    check(not missing, f"cohort: {', '.join(missing)} must be set (or set tractoflow.results, or run the demo: "
+                       "--configfile config/demo.yaml).")
     return dict(config["cohort"])
 
 
 COHORT = cohort_inputs()
 
 
+def tractoflow_lists():
+    """The subject lists prepare_tractoflow will write (the same library call), with its missing-file check."""
+    from trackflow.data.tractoflow import subject_files, subject_lists, tractoflow_subjects
+    from trackflow.errors import TrackflowError
+
+    try:
+        lists = subject_lists(tractoflow_subjects(TRACTOFLOW["results"]),
+                              {s: TRACTOFLOW[s] for s in ("training", "validation", "testing")},
+                              TRACTOFLOW["split"], TRACTOFLOW["seed"])
+        subject_files(TRACTOFLOW["results"], sorted(set().union(*lists.values())))
+    except TrackflowError as error:
+        raise WorkflowError(f"config tractoflow: {error}")
+    return lists
+
+
+def known_subject_list(subset):
+    """Ids of a subject list when they are known now (from the file, or TractoFlow's split), else None."""
+    if TRACTOFLOW["results"] and not DEMO:
+        return TRACTOFLOW_LISTS[subset]
+    listing = Path(COHORT[f"{subset}_subjects"])
+    return listing.read_text().split() if listing.exists() else None
+
+
+TRACTOFLOW_LISTS = tractoflow_lists() if TRACTOFLOW["results"] and not DEMO else None
+
+
 def tracking_subjects():
-    """Subjects to track: the config's list, else the ids of the testing list (read now, so it must exist)."""
+    """Subjects to track: the config's list (checked against the tracked subset's list when it is known now),
+    else the ids of the testing list."""
+    subset = TRACKING["subset"]
+    listed = known_subject_list(subset)
     if config["tracking_subjects"]:
+        unknown = [s for s in config["tracking_subjects"] if listed is not None and s not in listed]
+        check(not unknown, f"tracking_subjects: {', '.join(unknown)} not in the {subset} subject list "
+                           f"({COHORT[f'{subset}_subjects']}; tracking.subset: {subset})")
         return list(config["tracking_subjects"])
-    listing = Path(COHORT["testing_subjects"])
-    if not listing.exists():
-        raise WorkflowError(f"config tracking_subjects is empty and {listing} does not exist yet: "
-                            "list the subjects to track in the config.")
-    subjects = listing.read_text().split()
-    if not subjects:
-        raise WorkflowError(f"no subject to track: {listing} is empty and tracking_subjects is too.")
-    return subjects
+    testing = known_subject_list("testing")
+    check(testing is not None, f"tracking_subjects is empty and {COHORT['testing_subjects']} does not exist "
+                               "yet: list the subjects to track.")
+    check(testing, f"tracking_subjects: no subject to track ({COHORT['testing_subjects']} is empty).")
+    return testing
 
 
 SUBJECTS = tracking_subjects()
@@ -125,11 +196,24 @@ def tracking_options():
     return " ".join(filter(None, [as_cli_options(options), device_options(TRACKING)]))
 
 
-def filtering_options(wildcards):
-    options = {"minL": config["filtering"]["min_length"], "maxL": config["filtering"]["max_length"]}
-    if config["filtering"]["reference"] is not None:
-        options["reference"] = f"{COHORT['dwi_ml_ready']}/{wildcards.subject}/{config['filtering']['reference']}"
-    return as_cli_options(options)
+def filtering_options():
+    return as_cli_options({"minL": FILTERING["min_length"], "maxL": FILTERING["max_length"]})
+
+
+def filtering_reference(wildcards):
+    """The .tck reference of a subject: `filtering.reference` ({subject} replaced; relative to the subject's
+    dwi_ml_ready folder unless absolute), else the grid of its seeding mask in the hdf5 (rule hdf5_reference)."""
+    if EXT != "tck":
+        return []
+    if FILTERING["reference"] is None:
+        return f"results/hdf5/references/{wildcards.subject}.nii.gz"
+    return str(Path(COHORT["dwi_ml_ready"], wildcards.subject, FILTERING["reference"].format(subject=wildcards.subject)))
+
+
+def output_name(step, suffix=""):
+    """Per subject and model output path, named <subject>__<model> (the SCIL convention) so a copied file keeps
+    its context."""
+    return f"results/{step}/{{subject}}/{{subject}}__{{model}}{suffix}"
 
 
 def loss_visualization_options():
@@ -157,9 +241,9 @@ def loss_visualization_patterns():
     """Output patterns of visualize_loss (by name), for the outputs its enabled options write."""
     patterns = {}
     if VISU["compute_histogram"]:
-        patterns["histogram"] = "results/loss/{subject}/{model}_histogram.png"
+        patterns["histogram"] = output_name("loss", "_histogram.png")
     if VISU["save_colored_tractogram"]:
-        patterns["colored_tractogram"] = "results/loss/{subject}/{model}_colored_loss.trk"
+        patterns["colored_tractogram"] = output_name("loss", "_colored_loss.trk")
     return patterns
 
 
@@ -175,7 +259,7 @@ def loss_visualization_outputs():
 
 def final_outputs():
     """What `all` asks for: filtered tractograms, loss plots, scores and the cohort summary."""
-    targets = expand("results/filtering/{subject}/{model}.{ext}", subject=SUBJECTS, model=MODELS, ext=EXT)
+    targets = expand(output_name("filtering", f".{EXT}"), subject=SUBJECTS, model=MODELS)
     if VISU["enabled"]:
         visualized = [m for m in MODELS if streamline_group_in_hdf5(MODELS[m]["streamline_group"])]
         for pattern in loss_visualization_patterns().values():
@@ -183,18 +267,41 @@ def final_outputs():
     return targets + scored_outputs() + ["results/summary/cohort_summary.tsv"]
 
 
-def scored_outputs():
-    if not config["scoring"]["enabled"]:
+def has_ground_truth(subject):
+    """Whether the subject has ground-truth bundles: the demo's all do; others need dwi_ml_ready/<S>/bundles now."""
+    return DEMO or Path(COHORT["dwi_ml_ready"], subject, "bundles").is_dir()
+
+
+def scored_subjects():
+    """Subjects to score: scoring.enabled auto = those with ground truth, true = all (which must have it)."""
+    enabled = config["scoring"]["enabled"]
+    if enabled is False:
         return []
-    return expand("results/scores/{subject}/{model}.json", subject=SUBJECTS, model=MODELS)
+    if enabled is True:
+        missing = [s for s in SUBJECTS if not has_ground_truth(s)]
+        check(not missing, f"scoring.enabled is true, and subjects without a bundles/ folder in "
+                           f"{COHORT['dwi_ml_ready']}: {', '.join(missing)} (auto scores only those with one).")
+        return SUBJECTS
+    return [s for s in SUBJECTS if has_ground_truth(s)]
+
+
+SCORED_SUBJECTS = scored_subjects()
+
+
+def scored_outputs():
+    return expand(output_name("scores", ".json"), subject=SCORED_SUBJECTS, model=MODELS)
 
 
 def summary_outputs():
     """The cohort table and plots, for the report; the score plots only when there are scores."""
-    plots = ["streamline_counts"] + (["overall_scores", "bundle_scores"] if config["scoring"]["enabled"] else [])
+    plots = ["streamline_counts"] + (["overall_scores", "bundle_scores"] if SCORED_SUBJECTS else [])
     outputs = {"table": report("results/summary/cohort_summary.tsv", caption="../report/summary_table.rst",
                                category="Cohort summary")}
     for plot in plots:
         outputs[plot] = report(f"results/summary/{plot}.png", caption=f"../report/{plot}.rst",
                                category="Cohort summary")
     return outputs
+
+
+for name in TRAINED_MODELS:
+    check_training_options(name, MODELS[name])

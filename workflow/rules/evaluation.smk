@@ -22,15 +22,15 @@ rule visualize_loss:
     shell:
         "{params.script} {input.experiment} {input.hdf5} {wildcards.subject} {params.input_group}"
         " --streamlines_group {params.streamline_group} --out_dir {params.out_dir}"
-        " --out_prefix {wildcards.model} {params.options} -v INFO > {log} 2>&1"
+        " --out_prefix {wildcards.subject}__{wildcards.model} {params.options} -v INFO > {log} 2>&1"
 
 
 rule score:
     input:
-        tractogram=f"results/filtering/{{subject}}/{{model}}.{EXT}",
+        tractogram=output_name("filtering", f".{EXT}"),
         dwi_ml_ready=COHORT["dwi_ml_ready"],
     output:
-        "results/scores/{subject}/{model}.json",
+        output_name("scores", ".json"),
     params:
         bundles_dir=lambda wildcards: f"{COHORT['dwi_ml_ready']}/{wildcards.subject}/bundles",
         dilate_endpoints=config["scoring"]["dilate_endpoints"],
@@ -47,7 +47,7 @@ rule score:
 
 rule summarize_cohort:
     input:
-        counts=expand("results/filtering/{subject}/{model}_counts.tsv", subject=SUBJECTS, model=MODELS),
+        counts=expand(output_name("filtering", "_counts.tsv"), subject=SUBJECTS, model=MODELS),
         scores=scored_outputs(),
         benchmarks=expand("benchmarks/tracking/{subject}/{model}.tsv", subject=SUBJECTS, model=MODELS),
     output:

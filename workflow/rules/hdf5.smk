@@ -1,4 +1,5 @@
-# The cohort: the synthetic demo (when demo.enabled) and the cohort's hdf5 file.
+# The cohort: the synthetic demo (demo.enabled) or TractoFlow results laid out (tractoflow.results), its hdf5
+# file, and the subjects' grids as NIfTI references for .tck tractograms.
 
 
 rule make_demo:
@@ -45,3 +46,40 @@ rule create_hdf5:
     shell:
         "dwiml_create_hdf5_dataset {input.dwi_ml_ready} {output} {input.hdf5_config} {input.training}"
         " {input.validation} {input.testing} {params.options} -v INFO > {log} 2>&1"
+
+
+rule prepare_tractoflow:
+    input:
+        # the folder only, not its files: the workflow does not follow TractoFlow's own reruns
+        ancient(TRACTOFLOW["results"] or []),
+    output:
+        dwi_ml_ready=directory("results/cohort/dwi_ml_ready"),
+        hdf5_config="results/cohort/hdf5_config.json",
+        subject_lists=expand("results/cohort/{subset}_subjs.txt", subset=["training", "validation", "testing"]),
+    params:
+        out_dir=lambda wildcards, output: Path(output.hdf5_config).parent,
+        # the lists computed at DAG time (the same library call), so that the DAG's subjects are the ones laid out
+        lists=" ".join(f"--{subset} {' '.join(ids)}" for subset, ids in (TRACTOFLOW_LISTS or {}).items() if ids),
+    log:
+        "logs/cohort/prepare_tractoflow.log",
+    benchmark:
+        "benchmarks/cohort/prepare_tractoflow.tsv"
+    conda:
+        "../../envs/trackflow.yaml"
+    shell:
+        "trackflow_prepare_tractoflow {input} {params.out_dir} {params.lists} -f -v INFO > {log} 2>&1"
+
+
+rule hdf5_reference:
+    input:
+        "results/hdf5/cohort.hdf5",
+    output:
+        "results/hdf5/references/{subject}.nii.gz",
+    params:
+        group=TRACKING["seeding_mask_group"],
+    log:
+        "logs/hdf5/references/{subject}.log",
+    conda:
+        "../../envs/trackflow.yaml"
+    script:
+        "../../scripts/hdf5_reference.py"

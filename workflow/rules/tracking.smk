@@ -6,8 +6,8 @@ if CHUNKS > 1 and TRACKING["nt"] is None:
     raise WorkflowError("config tracking: chunks > 1 needs nt (the seed count of each chunk's range).")
 # Seed ranges [a, b) of the chunks: consecutive, together all nt seeds.
 CHUNK_BOUNDS = [TRACKING["nt"] * k // CHUNKS for k in range(CHUNKS + 1)] if CHUNKS > 1 else None
-TRACK_OUTPUT = (f"results/tracking/{{subject}}/{{model}}.{EXT}" if CHUNKS == 1
-                else f"results/tracking/{{subject}}/chunks/{{model}}_{{chunk}}.{EXT}")
+TRACK_OUTPUT = (output_name("tracking", f".{EXT}") if CHUNKS == 1
+                else f"results/tracking/{{subject}}/chunks/{{subject}}__{{model}}_{{chunk}}.{EXT}")
 LOG_NAME = "{subject}/{model}" if CHUNKS == 1 else "{subject}/{model}_{chunk}"
 
 
@@ -45,10 +45,10 @@ if CHUNKS > 1:
 
     rule merge_tracking_chunks:
         input:
-            expand(f"results/tracking/{{{{subject}}}}/chunks/{{{{model}}}}_{{chunk}}.{EXT}",
+            expand(f"results/tracking/{{{{subject}}}}/chunks/{{{{subject}}}}__{{{{model}}}}_{{chunk}}.{EXT}",
                    chunk=range(CHUNKS)),
         output:
-            f"results/tracking/{{subject}}/{{model}}.{EXT}",
+            output_name("tracking", f".{EXT}"),
         log:
             "logs/tracking/{subject}/{model}_merge.log",
         # the file the cohort summary reads; with chunks it times the merge only (the chunks' own times are
@@ -63,13 +63,15 @@ if CHUNKS > 1:
 
 rule filter_by_length:
     input:
-        f"results/tracking/{{subject}}/{{model}}.{EXT}",
+        tractogram=output_name("tracking", f".{EXT}"),
+        reference=filtering_reference,
     output:
-        tractogram=f"results/filtering/{{subject}}/{{model}}.{EXT}",
+        tractogram=output_name("filtering", f".{EXT}"),
         # one row: subject, model, streamline counts and lengths before and after
-        counts="results/filtering/{subject}/{model}_counts.tsv",
+        counts=output_name("filtering", "_counts.tsv"),
     params:
-        options=filtering_options,
+        options=filtering_options(),
+        reference=lambda wildcards, input: f"--reference {input.reference}" if input.reference else "",
     log:
         "logs/filtering/{subject}/{model}.log",
     benchmark:
@@ -78,5 +80,6 @@ rule filter_by_length:
         "../../envs/trackflow.yaml"
     shell:
         # scilpy's length filter, plus counts for the summary and .trx support
-        "trackflow_filter_by_length {input} {output.tractogram} --out_counts {output.counts}"
-        " --subject {wildcards.subject} --model {wildcards.model} {params.options} -v INFO > {log} 2>&1"
+        "trackflow_filter_by_length {input.tractogram} {output.tractogram} --out_counts {output.counts}"
+        " --subject {wildcards.subject} --model {wildcards.model} {params.options} {params.reference}"
+        " -v INFO > {log} 2>&1"

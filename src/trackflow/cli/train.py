@@ -293,8 +293,9 @@ def tt_config(args) -> TransformerConfig:
     return TT_CONFIGS[args.model](**fields)
 
 
-def _train(args, family: str):
-    """Map the options, then train a new experiment (the one library call of the train CLIs)."""
+def training_arguments(args, family: str) -> dict:
+    """The keyword arguments of ``train_new_experiment`` for parsed options; every option is validated here
+    (model config, sampler, loader, trainer), before any file is read. The workflow checks its configs with it."""
     if family == "l2t":
         model_type, model_config = "Learn2TrackModel", l2t_config(args)
     else:
@@ -306,9 +307,8 @@ def _train(args, family: str):
                              nb_subjects_per_batch=args.nb_subjects_per_batch, cycles=args.cycles,
                              max_batches_per_epoch=max_batches)
 
-    return train_new_experiment(
-        args.experiments_path, args.experiment_name, args.hdf5_file, args.input_group_name,
-        args.streamline_group_name, model_type=model_type, model_config=model_config,
+    return dict(
+        model_type=model_type, model_config=model_config,
         training_sampler=sampler(args.batch_size_training, args.max_batches_per_epoch_training),
         validation_sampler=sampler(args.batch_size_validation, args.max_batches_per_epoch_validation),
         loader=LoaderParams(noise_gaussian_size_forward=args.noise_gaussian_size_forward,
@@ -320,6 +320,13 @@ def _train(args, family: str):
                               patience_delta=args.patience_delta, clip_grad=args.clip_grad, rng=args.rng),
         data=DataParams(lazy=args.lazy, cache_size=args.cache_size),
         use_gpu=args.use_gpu, overwrite=args.overwrite)
+
+
+def _train(args, family: str):
+    """Map the options, then train a new experiment (the one library call of the train CLIs)."""
+    return train_new_experiment(args.experiments_path, args.experiment_name, args.hdf5_file,
+                                args.input_group_name, args.streamline_group_name,
+                                **training_arguments(args, family))
 
 
 # ---------------------------------------------------------------------------------------------- entry points

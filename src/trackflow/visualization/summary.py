@@ -5,10 +5,11 @@ and model: the counts and lengths of ``trackflow_filter_by_length`` (``evaluatio
 ``trackflow_score`` metrics and the Snakemake benchmark times and memory of each step.
 ``write_cohort_summary`` writes the table (TSV) and the figures.
 
-Path conventions (the workflow's, see ``workflow/rules``): scores are ``<...>/<subject>/<model>.json``;
+Path conventions (the workflow's, see ``workflow/rules``): scores are ``<...>/<subject>/<subject>__<model>.json``;
 benchmarks are ``<...>/benchmarks/<step>/<subject>/<model>.tsv`` or, for per-model steps such as training,
 ``<...>/benchmarks/<step>/<model>.tsv``; tractograms for the length histograms are
-``<...>/<subject>/<model>.<trk|tck|trx>``.
+``<...>/<subject>/<subject>__<model>.<trk|tck|trx>``. A file name without the ``<subject>__`` prefix is read
+as the model name.
 """
 
 import json
@@ -63,8 +64,9 @@ def _paths(files) -> list[Path]:
 
 
 def _subject_and_model(path: Path) -> tuple[str, str]:
-    """(subject, model) of ``<...>/<subject>/<model>.<ext>``."""
-    return path.parent.name, path.name.split(".")[0]
+    """(subject, model) of ``<...>/<subject>/<subject>__<model>.<ext>`` or ``<...>/<subject>/<model>.<ext>``."""
+    subject = path.parent.name
+    return subject, path.name.split(".")[0].removeprefix(f"{subject}__")
 
 
 def _read_scores(files) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -136,12 +138,12 @@ def summarize_cohort(counts_files, score_files=(), benchmark_files=(), tractogra
     counts_files : list of path
         TSVs of ``trackflow_filter_by_length`` (they define the rows).
     score_files : list of path
-        ``trackflow_score`` JSONs, ``<subject>/<model>.json``.
+        ``trackflow_score`` JSONs, ``<subject>/<subject>__<model>.json``.
     benchmark_files : list of path
         Snakemake benchmark TSVs, ``benchmarks/<step>/<subject>/<model>.tsv`` or
         ``benchmarks/<step>/<model>.tsv``.
     tractogram_files : list of path
-        Filtered tractograms ``<subject>/<model>.<ext>``, for the length histograms.
+        Filtered tractograms ``<subject>/<subject>__<model>.<ext>``, for the length histograms.
 
     Returns
     -------
