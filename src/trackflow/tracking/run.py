@@ -189,6 +189,7 @@ def read_subject_inputs(hdf5_path: Path, subj_id: str, input_group: str, seeding
         if volume.data.shape[3] != nb_features:
             raise TrackflowError(f"input group '{input_group}' has {volume.data.shape[3]} features but the "
                                  f"model expects {nb_features}")
+        cohort.check_finite(subj_id, input_group, "volume")  # NaN inputs would stop streamlines silently
         seeding_mask = _read_mask(cohort, subj_id, seeding_mask_group, "seeding")
         tracking_mask = (_read_mask(cohort, subj_id, options.tracking_mask_group, "tracking")
                          if options.tracking_mask_group is not None else None)
