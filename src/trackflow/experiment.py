@@ -131,7 +131,7 @@ class ExperimentFolder:
     def read_logs(self) -> dict:
         """Monitor name -> per-epoch array, for the log files present."""
         return {name: _read_log(self.logs_dir / file_name) for name, file_name in LOG_FILES.items()
-                if (self.logs_dir / file_name).is_file()}
+                if (self.logs_dir / file_name).exists()}  # a folder in a log's place is an error, not skipped
 
 
 def _read_log(path: Path) -> np.ndarray:

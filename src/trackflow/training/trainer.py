@@ -62,6 +62,8 @@ class TrainerParams:
             raise TrackflowError(f"--max_epochs must be at least 1, got {self.max_epochs}")
         if self.patience is not None and self.patience < 1:
             raise TrackflowError(f"--patience must be at least 1, got {self.patience}")
+        if not self.weight_decay >= 0:
+            raise TrackflowError(f"--weight_decay must be >= 0, got {self.weight_decay}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise TrackflowError(f"--clip_grad must be positive, got {self.clip_grad}")
         if not self.learning_rates or any(not lr > 0 for lr in self.learning_rates):

@@ -154,7 +154,11 @@ def read_groups_config(path) -> tuple[dict, list[GroupConfig]]:
     path = Path(path)
     if not path.is_file():
         raise TrackflowError(f"config file {path} does not exist")
-    raw = loads_json_allowing_trailing_commas(path.read_text(), source=str(path))
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise TrackflowError(f"config file {path} is not a text (JSON) file") from None
+    raw = loads_json_allowing_trailing_commas(text, source=str(path))
     return raw, parse_groups_config(raw)
 
 

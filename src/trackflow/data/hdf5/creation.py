@@ -41,7 +41,10 @@ def read_subject_list(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise TrackflowError(f"subject list {path} does not exist")
-    subjects = path.read_text().split()
+    try:
+        subjects = path.read_text().split()
+    except UnicodeDecodeError:
+        raise TrackflowError(f"subject list {path} is not a text file") from None
     seen = set()
     for subject in subjects:
         if subject in seen:
@@ -251,6 +254,8 @@ def _process_tractogram(path: Path, group: StreamlineGroupConfig, ref_img, optio
         raise
     except Exception as e:  # nibabel/dipy raise many types for corrupt files
         raise TrackflowError(f"cannot read tractogram {path}: {_first_line(e)}") from None
+    if not np.isfinite(sft.streamlines.get_data()).all():
+        raise TrackflowError(f"tractogram {path} has non-finite (NaN or inf) coordinates")
 
     missing = [k for k in group.dps_keys if k not in sft.data_per_streamline]
     if missing:
@@ -368,13 +373,18 @@ def _attr_or_not_defined(value):
 
 
 def is_mask_group(group: VolumeGroupConfig) -> bool:
-    """Whether a volume group holds a mask (seeding, tracking, WM...): the config has no mask type, so its
-    name or its files say so (``wm_mask``, ``masks/*__mask_wm.nii.gz``)."""
-    return "mask" in group.name.lower() or any("mask" in pattern.lower() for pattern in group.files)
+    """Whether a volume group holds a mask (seeding, tracking, WM...): the config has no mask type, so an
+    unstandardized group whose name or files say so (``wm_mask``, ``masks/*__mask_wm.nii.gz``); a
+    standardized group is a model input, whatever its name."""
+    named_mask = "mask" in group.name.lower() or any("mask" in pattern.lower() for pattern in group.files)
+    return named_mask and group.standardization == "none"
 
 
 def _check_mask_values(data: np.ndarray, subject: str, group: VolumeGroupConfig) -> None:
     # A NaN mask voxel compares false everywhere, so an all-NaN mask would mean "inside everywhere".
+    if data.shape[-1] != 1:  # several masks in one group: which one counts would be a silent choice
+        raise TrackflowError(f"subject '{subject}', mask group '{group.name}' holds {data.shape[-1]} volumes, "
+                             "not one: combine the masks into one file")
     bad = np.count_nonzero(~np.isfinite(data))
     if bad:
         raise TrackflowError(f"subject '{subject}', mask group '{group.name}': {bad} NaN or infinite "
