@@ -102,6 +102,30 @@ def _failure_reason(stderr: str) -> str:
     return lines[-1] if lines else "no error message"
 
 
+def _checked_seeds(seeding_mask, npv, nt, seeds) -> tuple[np.ndarray | None, int]:
+    """(explicit seeds as float64 [S, 3] or None, number of seeds), refusing anything but one seed option."""
+    if sum(option is not None for option in (npv, nt, seeds)) != 1:
+        raise TrackflowError("give exactly one of npv, nt or seeds")
+    if seeds is None:
+        return None, count_seeds(np.asanyarray(nib.load(seeding_mask).dataobj), npv, nt)
+    seeds = np.asarray(seeds, dtype=np.float64)
+    # scilpy squeezes the loaded array, so a single seed would become three scalars.
+    if seeds.ndim != 2 or seeds.shape[1] != 3 or len(seeds) < 2:
+        raise TrackflowError(f"seeds must be an (S, 3) array with S >= 2, got shape {seeds.shape}")
+    return seeds, len(seeds)
+
+
+def _run_scilpy(command: list[str]) -> float:
+    """Run one scilpy command; its wall time in seconds, or its last error line as a TrackflowError."""
+    LOGGER.info("running %s", " ".join(command))
+    started = time.perf_counter()
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise TrackflowError(f"{SCILPY_LOCAL_TRACKING} failed (exit {completed.returncode}): "
+                             f"{_failure_reason(completed.stderr)}")
+    return time.perf_counter() - started
+
+
 def run_scilpy_local_tracking(fodf, seeding_mask, tracking_mask, out, *, algo: str, step_size: float,
                               theta: float, npv: int | None = None, nt: int | None = None,
                               seeds: np.ndarray | None = None, min_length: float = 10.0,
@@ -149,24 +173,16 @@ def run_scilpy_local_tracking(fodf, seeding_mask, tracking_mask, out, *, algo: s
     """
     out = Path(out)
     check_inputs([fodf, seeding_mask, tracking_mask])
-    check_outputs([out], overwrite)
+    check_outputs([out], overwrite, inputs=[fodf, seeding_mask, tracking_mask])
     if algo not in SCILPY_ALGOS:
         raise TrackflowError(f"algo must be one of {', '.join(SCILPY_ALGOS)}, got {algo!r}")
     if out.suffix.lower() != ".trk":
         raise TrackflowError(f"the baseline tractogram must be a .trk file, got {out}")
-    if sum(option is not None for option in (npv, nt, seeds)) != 1:
-        raise TrackflowError("give exactly one of npv, nt or seeds")
-    if seeds is not None:
-        seeds = np.asarray(seeds, dtype=np.float64)
-        # scilpy squeezes the loaded array, so a single seed would become three scalars.
-        if seeds.ndim != 2 or seeds.shape[1] != 3 or len(seeds) < 2:
-            raise TrackflowError(f"seeds must be an (S, 3) array with S >= 2, got shape {seeds.shape}")
-        n_seeds = len(seeds)
-    else:
-        n_seeds = count_seeds(np.asanyarray(nib.load(seeding_mask).dataobj), npv, nt)
+    seeds, n_seeds = _checked_seeds(seeding_mask, npv, nt, seeds)
     executable = _scilpy_executable()
 
-    with tempfile.TemporaryDirectory(prefix="trackflow_seeds_") as seed_dir, atomic_output(out) as tmp:
+    with tempfile.TemporaryDirectory(prefix="trackflow_seeds_") as seed_dir, \
+            atomic_output(out, overwrite=overwrite) as tmp:
         command = [executable, str(fodf), str(seeding_mask), str(tracking_mask), str(tmp), "--algo", algo,
                    "--step", str(step_size), "--theta", str(theta), "--min_length", str(min_length),
                    "--max_length", str(max_length), "--sh_basis", sh_basis, "--seed", str(rng_seed)]
@@ -178,12 +194,6 @@ def run_scilpy_local_tracking(fodf, seeding_mask, tracking_mask, out, *, algo: s
             command += ["--in_custom_seeds", str(seed_file)]
         else:
             command += ["--npv", str(npv)] if npv is not None else ["--nt", str(nt)]
-        LOGGER.info("running %s", " ".join(command))
-        started = time.perf_counter()
-        completed = subprocess.run(command, capture_output=True, text=True)
-        seconds = time.perf_counter() - started
-        if completed.returncode != 0:
-            raise TrackflowError(f"{SCILPY_LOCAL_TRACKING} failed (exit {completed.returncode}): "
-                                 f"{_failure_reason(completed.stderr)}")
+        seconds = _run_scilpy(command)
     LOGGER.info("%s %s: %d seeds in %.1f s -> %s", SCILPY_LOCAL_TRACKING, algo, n_seeds, seconds, out)
     return BaselineRun(out, n_seeds, seconds)
