@@ -33,8 +33,10 @@ l2t_visualize_loss                        27
 tt_visualize_loss                         27
 trackflow_score                           25
 trackflow_filter_by_length                23
+trackflow_merge_tractograms               35
+trackflow_prepare_tractoflow              35
 signals and races (subprocess)             6
-total                                    420
+total                                    490
 =====================================  =====
 
 (``test_counts_by_command`` keeps this table honest.)
@@ -44,6 +46,7 @@ import dataclasses
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,10 +59,13 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 import pytest
+import trx.trx_file_memmap as tmm
 
 from fault_fixtures import (FILE_FAULTS, copy_tree, damaged_copy, hdf5_corrupt_object_header, hdf5_edited, link_tree,
                             malicious_pickle, nifti_like, snapshot, trk_on_other_grid, trk_with_nan)
+from test_tractoflow import TRACTOFLOW_FROM_DEMO  # tests/ is on sys.path
 from trackflow.data.hdf5.creation import create_hdf5_dataset
+from trackflow.data.tractograms import load_tractogram_file, save_tractogram_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
@@ -982,6 +988,272 @@ add("trackflow_filter_by_length", "no-survivor-writes-empty-tractogram",
     succeeds=True)
 
 
+# ---------------------------------------------------------------------------------------------- merge_tractograms
+MERGE = "trackflow_merge_tractograms"
+
+
+def _reference(w) -> nib.Nifti1Image:
+    return nib.load(str(w.subject_dir / "masks" / f"{SUBJECT}__mask_wm.nii.gz"))
+
+
+def _ground_truth_vox(w) -> list:
+    """The ground-truth streamlines in vox/corner, as the tracking scripts hand them to the writer."""
+    sft = load_tractogram_file(w.tractogram)
+    sft.to_vox()
+    sft.to_corner()
+    return list(sft.streamlines)
+
+
+def _merge(w, tmp, ext=".trk", out=None, extra=(), mutate=None):
+    """Two chunks of one run written by the tracking scripts' writer (3 and 7 streamlines), ``whole``
+    (what the unchunked run writes) beside them; ``mutate(chunks)`` damages them."""
+    streamlines, reference = _ground_truth_vox(w), _reference(w)
+    chunks = [tmp / f"chunk{k}{ext}" for k in range(2)]
+    for chunk, part in zip(chunks, (streamlines[:3], streamlines[3:])):
+        save_tractogram_file(chunk, part, reference)
+    save_tractogram_file(tmp / f"whole{ext}", streamlines, reference)
+    if mutate:
+        mutate(chunks)
+    out = out or tmp / f"out{ext}"
+    return Plan(_s(out, *chunks) + list(extra), [out])
+
+
+def _merge_case(fault, message=None, **kw):
+    add(MERGE, fault, lambda w, t: _merge(w, t, **kw), message)
+
+
+for _ext in (".trk", ".tck", ".trx"):
+    for _kind in FILE_FAULTS:
+        _merge_case(f"chunk{_ext.replace('.', '-')}-{_kind}", f"chunk1{_ext}", ext=_ext,
+                    mutate=lambda c, k=_kind: damaged_copy(k, c[1], c[1]))
+
+
+def _on_other_grid(w, chunk):
+    save_tractogram_file(chunk, _ground_truth_vox(w)[3:],
+                         nib.Nifti1Image(np.zeros((5, 5, 5), np.float32), np.diag([2.0, 2, 2, 1])))
+
+
+for _ext in (".trk", ".trx"):
+    add(MERGE, f"chunk{_ext.replace('.', '-')}-other-reference", lambda w, t, e=_ext: _merge(
+        w, t, ext=e, mutate=lambda c: _on_other_grid(w, c[1])), f"chunk1{_ext}")
+
+
+def _with_per_point_data(w, chunk):
+    streamlines = _ground_truth_vox(w)[3:]
+    save_tractogram_file(chunk, streamlines, _reference(w),
+                         data_per_point={"weight": np.ones(sum(len(s) for s in streamlines))})
+
+
+add(MERGE, "chunk-trk-other-per-point-data",
+    lambda w, t: _merge(w, t, mutate=lambda c: _with_per_point_data(w, c[1])), "chunk1.trk")
+
+
+def _mixed_extensions(w, t):
+    plan = _merge(w, t)
+    save_tractogram_file(t / "chunk1.tck", _ground_truth_vox(w)[3:], _reference(w))
+    plan.argv[2] = str(t / "chunk1.tck")
+    return plan
+
+
+add(MERGE, "chunks-of-mixed-extensions", _mixed_extensions, "chunk1.tck")
+add(MERGE, "output-other-extension-than-chunks", lambda w, t: _merge(w, t, out=t / "out.tck"), "chunk0.trk")
+add(MERGE, "output-unknown-extension", lambda w, t: _merge(w, t, out=t / "out.xyz"), "xyz")
+
+
+def _merge_into_chunk(w, t, index, extra=()):
+    plan = _merge(w, t, out=t / f"chunk{index}.trk", extra=extra)
+    plan.outputs = [t / "chunk0.trk", t / "chunk1.trk"]
+    return plan
+
+
+add(MERGE, "output-is-first-chunk", lambda w, t: _merge_into_chunk(w, t, 0), "chunk0.trk")
+add(MERGE, "output-is-a-chunk-with-f", lambda w, t: _merge_into_chunk(w, t, 1, ["-f"]), "chunk1.trk")
+add(MERGE, "output-is-directory", lambda w, t: (t / "out.trk").mkdir() or _merge(w, t), "out.trk")
+add(MERGE, "output-parent-is-file",
+    lambda w, t: (t / "afile").write_text("x") and _merge(w, t, out=t / "afile" / "out.trk"))
+add(MERGE, "output-exists-no-f",
+    lambda w, t: _merge(w, t) if (t / "out.trk").write_bytes(b"old tractogram") else None, "exists")
+
+
+def _merge_argv(argv):
+    def build(w, t):
+        plan = _merge(w, t)
+        plan.argv = argv(plan.argv)
+        return plan
+    return build
+
+
+add(MERGE, "no-chunk", _merge_argv(lambda argv: argv[:1]), "in_tractograms")
+add(MERGE, "no-argument", _merge_argv(lambda argv: []))
+add(MERGE, "unknown-option", _merge_argv(lambda argv: argv + ["--nope"]), "--nope")
+add(MERGE, "abbreviated-option", _merge_argv(lambda argv: argv + ["--overwr"]), "--overwr")
+
+
+def _merge_check(plan):
+    """The merged file is the one the unchunked run writes, bit for bit (.trx: the same arrays)."""
+    out = Path(plan.argv[0])
+    whole = out.with_name(f"whole{out.suffix}")
+    if out.suffix != ".trx":
+        assert out.read_bytes() == whole.read_bytes()
+        return
+    a, b = tmm.load(str(whole)), tmm.load(str(out))
+    try:
+        assert np.array_equal(a.streamlines._data, b.streamlines._data)
+        assert np.array_equal(a.streamlines._lengths, b.streamlines._lengths) and len(b) == 10
+    finally:
+        a.close(), b.close()
+
+
+for _ext in (".trk", ".tck", ".trx"):
+    add(MERGE, f"valid{_ext.replace('.', '-')}", lambda w, t, e=_ext: dataclasses.replace(
+        _merge(w, t, ext=e), check=_merge_check), succeeds=True)
+
+
+def _merge_with_empty_chunk(w, t):
+    plan = _merge(w, t)
+    save_tractogram_file(t / "empty.trk", [], _reference(w))  # a seed range where nothing survived
+    plan.argv[2:2] = [str(t / "empty.trk")]
+    plan.argv.append(str(t / "empty.trk"))
+    return dataclasses.replace(plan, check=_merge_check)
+
+
+add(MERGE, "valid-with-empty-chunks", _merge_with_empty_chunk, succeeds=True)
+add(MERGE, "valid-existing-output-with-f", lambda w, t: dataclasses.replace(
+    _merge(w, t, extra=["-f"]), check=_merge_check) if (t / "out.trk").write_bytes(b"old") else None,
+    succeeds=True)
+
+
+# ---------------------------------------------------------------------------------------------- prepare_tractoflow
+PREPARE = "trackflow_prepare_tractoflow"
+
+
+def _tractoflow(w, tmp, mutate=None, out=None, extra=("--training", SUBJECT, "--testing", "sub-02")):
+    """A TractoFlow results/ tree (files symlinked to the demo cohort's, as tests/test_tractoflow.py lays
+    them out) with TractoFlow's cohort-wide folders, changed by ``mutate(results)``."""
+    results = tmp / "tractoflow" / "results"
+    for subject_dir in sorted((w.cohort / "dwi_ml_ready").iterdir()):
+        s = subject_dir.name
+        for target, source in TRACTOFLOW_FROM_DEMO.items():
+            path = results / s / target.format(s=s)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.symlink_to(subject_dir / source.format(s=s))
+    for folder in ("Mean_FRF", "Readme"):
+        (results / folder).mkdir()
+    if mutate:
+        mutate(results)
+    out = out or tmp / "cohort"
+    return Plan(_s(results, out) + list(extra), [out])
+
+
+def _prepare_case(fault, message=None, **kw):
+    add(PREPARE, fault, lambda w, t: _tractoflow(w, t, **kw), message)
+
+
+def _results_replaced(by):
+    def build(w, t):
+        plan = _tractoflow(w, t)
+        results = t / "elsewhere"
+        by(results)
+        plan.argv[0] = str(results)
+        return plan
+    return build
+
+
+add(PREPARE, "results-missing", _results_replaced(lambda r: None), "elsewhere")
+add(PREPARE, "results-is-file", _results_replaced(lambda r: r.write_text("x")), "elsewhere")
+add(PREPARE, "results-empty", _results_replaced(lambda r: r.mkdir()), "elsewhere")
+add(PREPARE, "results-only-cohort-folders",
+    _results_replaced(lambda r: (r / "Mean_FRF").mkdir(parents=True) or (r / "Readme").mkdir()), "elsewhere")
+for _target in TRACTOFLOW_FROM_DEMO:
+    if _target.startswith("PFT_Tracking/"):
+        continue  # tractograms are optional (all subjects or none)
+    _prepare_case(f"missing-{Path(_target).name.split('__')[1].split('.')[0]}", _target.format(s="sub-02"),
+                  mutate=lambda r, p=_target: (r / "sub-02" / p.format(s="sub-02")).unlink())
+_FA = "sub-01/DTI_Metrics/sub-01__fa.nii.gz"
+_prepare_case("fa-is-directory", _FA, mutate=lambda r: damaged_copy("directory", None, r / _FA))
+_prepare_case("fa-dangling-link", _FA,
+              mutate=lambda r: (r / _FA).unlink() or (r / _FA).symlink_to(r / "gone.nii.gz"))
+_prepare_case("subject-folder-empty", "sub-02/DTI_Metrics",
+              mutate=lambda r: shutil.rmtree(r / "sub-02") or (r / "sub-02").mkdir())
+_prepare_case("tractograms-of-one-subject-only", "sub-02",
+              mutate=lambda r: shutil.rmtree(r / "sub-02" / "PFT_Tracking"))
+for _fault, _opts, _message in [
+        ("list-unknown-subject", ["--training", "sub-01", "sub-99"], "sub-99"),
+        ("subject-in-two-lists", ["--training", "sub-01", "--testing", "sub-01"], "sub-01"),
+        ("subject-twice-in-one-list", ["--training", "sub-01", "sub-01"], "sub-01"),
+        ("training-list-empty", ["--testing", "sub-01"], "training"),
+        ("split-negative", ["--split", "0.7", "-0.15", "0.45"], "split"),
+        ("split-all-zero", ["--split", "0", "0", "0"], "split"),
+        ("split-without-training", ["--split", "0", "0.5", "0.5"], "training"),
+        ("split-nan", ["--split", "0.7", "nan", "0.3"], "split"),
+        ("split-two-values", ["--split", "0.7", "0.3"], "--split"),
+        ("split-nonsense", ["--split", "0.7", "x", "0.3"], "--split"),
+        ("seed-nonsense", ["--seed", "x1"], "--seed"),
+        ("unknown-option", ["--nope"], "--nope")]:
+    _prepare_case(_fault, _message, extra=_opts)
+
+
+def _prepare_existing(w, t):
+    plan = _tractoflow(w, t)  # the tree, then the earlier run, then this run's plan on the same tree
+    entry_point(PREPARE)(plan.argv[:2] + ["--training", "sub-02"])
+    return plan
+
+
+add(PREPARE, "output-exists-no-f", _prepare_existing, "cohort")
+add(PREPARE, "output-is-file-no-f", lambda w, t: (t / "cohort").write_text("my notes") and _tractoflow(w, t),
+    "exists")
+add(PREPARE, "output-parent-is-file",
+    lambda w, t: (t / "afile").write_text("x") and _tractoflow(w, t, out=t / "afile" / "cohort"))
+
+
+def _prepare_over_input(w, t, out):
+    plan = _tractoflow(w, t, extra=["--training", SUBJECT, "-f"])
+    plan.argv[1] = str(t / out)
+    plan.outputs = [t / out]
+    return plan
+
+
+add(PREPARE, "output-is-results-with-f", lambda w, t: _prepare_over_input(w, t, "tractoflow/results"), "results")
+add(PREPARE, "output-contains-results-with-f", lambda w, t: _prepare_over_input(w, t, "tractoflow"), "tractoflow")
+
+
+def _prepare_check(lists, streamlines=True):
+    def check(plan):
+        results, out = Path(plan.argv[0]), Path(plan.argv[1])
+        link = out / "dwi_ml_ready" / SUBJECT / "dwi" / f"{SUBJECT}__fodf.nii.gz"
+        assert link.is_symlink() and link.resolve() == (results / SUBJECT / "FODF_Metrics" / link.name).resolve()
+        groups = json.loads((out / "hdf5_config.json").read_text())
+        assert ("streamlines" in groups) == streamlines
+        assert {s: (out / f"{s}_subjs.txt").read_text().split() for s in ("training", "validation", "testing")} \
+            == lists
+    return check
+
+
+def _prepare_valid(lists, streamlines=True, mutate=None, before=None, extra=None):
+    def build(w, t):
+        plan = _tractoflow(w, t, mutate=mutate, **({"extra": extra} if extra is not None else {}))
+        if before:
+            before(plan)
+        return dataclasses.replace(plan, check=_prepare_check(lists, streamlines))
+    return build
+
+
+add(PREPARE, "valid-subject-lists",
+    _prepare_valid({"training": [SUBJECT], "validation": [], "testing": ["sub-02"]}), succeeds=True)
+add(PREPARE, "valid-seeded-split", _prepare_valid({"training": [SUBJECT, "sub-02"], "validation": [], "testing": []},
+                                                  extra=[]), succeeds=True)
+add(PREPARE, "valid-without-tractograms", _prepare_valid(
+    {"training": [SUBJECT], "validation": [], "testing": ["sub-02"]}, streamlines=False,
+    mutate=lambda r: [shutil.rmtree(r / s / "PFT_Tracking") for s in (SUBJECT, "sub-02")]), succeeds=True)
+add(PREPARE, "valid-empty-output-folder", _prepare_valid(
+    {"training": [SUBJECT], "validation": [], "testing": ["sub-02"]},
+    before=lambda plan: Path(plan.argv[1]).mkdir()), succeeds=True)  # as Snakemake leaves it
+add(PREPARE, "valid-output-exists-with-f-replaces-previous-cohort", _prepare_valid(
+    {"training": [SUBJECT], "validation": [], "testing": ["sub-02"]},
+    extra=["--training", SUBJECT, "--testing", "sub-02", "-f"],
+    before=lambda plan: entry_point(PREPARE)(plan.argv[:2] + ["--training", "sub-02"])), succeeds=True)
+
+
 # ---------------------------------------------------------------------------------------------- the runner
 ERROR_LINE = ("error:",)
 
@@ -1150,6 +1422,7 @@ def _train_process(world, exps, *extra):
                              *extra], stderr=subprocess.PIPE, text=True, env=_env())
 
 
+@pytest.mark.slow  # ~45 s; tests/test_training.py has fast tests of the same defects
 def test_signal_train_sigterm_with_f_keeps_old_experiment(world, tmp_path):
     exps = tmp_path / "exps"
     shutil_copy = __import__("shutil").copytree
@@ -1167,6 +1440,7 @@ def test_signal_train_sigterm_with_f_keeps_old_experiment(world, tmp_path):
     assert not [q for q in exps.iterdir() if q.name != "exp"], f"leftovers: {list(exps.iterdir())}"
 
 
+@pytest.mark.slow  # ~45 s; tests/test_training.py has fast tests of the same defects
 def test_signal_train_sigkill_then_rerun_without_f(world, tmp_path):
     exps = tmp_path / "exps"
     exps.mkdir()
