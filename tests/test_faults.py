@@ -482,7 +482,7 @@ def _train_cases(family):
                ("clip-grad-negative", ["--clip_grad", "-1"]),
                ("patience-negative", ["--patience", "-1"]),
                ("max-batches-0", ["--max_batches_per_epoch_training", "0"]),
-               ("lazy-cache-size-0", ["--lazy", "--cache_size", "0"])]
+               ("lazy-cache-size-negative", ["--lazy", "--cache_size", "-1"])]
     if family == "l2t":
         numeric += [("dropout-above-1", ["--dropout", "1.5"]), ("rnn-layer-size-0", ["--rnn_layer_sizes", "0"]),
                     ("prev-dirs-embedding-without-prev-dirs", ["--prev_dirs_embedding_key", "nn_embedding",

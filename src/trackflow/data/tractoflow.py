@@ -82,8 +82,9 @@ def split_subjects(subjects, ratios, seed: int) -> dict:
     Rounded sizes; with at least 3 subjects and positive ratios every subset gets at least one subject.
     """
     ratios = np.asarray(ratios, dtype=float)
-    if ratios.shape != (3,) or (ratios < 0).any() or ratios.sum() <= 0:
-        raise TrackflowError(f"split ratios must be 3 non-negative numbers, not all zero; got {list(ratios)}")
+    if ratios.shape != (3,) or not np.isfinite(ratios).all() or (ratios < 0).any() or not ratios[0] > 0:
+        raise TrackflowError(f"split ratios must be 3 non-negative numbers (training, validation, testing), "
+                             f"the training one positive; got {list(ratios)}")
     n = len(subjects)
     sizes = np.floor(ratios / ratios.sum() * n + 0.5).astype(int)
     if n >= 3:
@@ -101,6 +102,9 @@ def subject_lists(subjects, lists=None, ratios=(0.7, 0.15, 0.15), seed: int = 0)
     if not lists or not any(lists.values()):
         return split_subjects(subjects, ratios, seed)
     lists = {subset: list(lists.get(subset) or []) for subset in SUBSETS}
+    repeated = sorted({s for ids in lists.values() for s in ids if ids.count(s) > 1})
+    if repeated:
+        raise TrackflowError(f"subjects {repeated} are listed twice in one subject list")
     unknown = sorted(set().union(*lists.values()) - set(subjects))
     if unknown:
         raise TrackflowError(f"subjects {unknown} of the subject lists have no TractoFlow results folder")
@@ -124,9 +128,11 @@ def prepare_tractoflow(results, out, lists=None, ratios=(0.7, 0.15, 0.15), seed:
     lists = subject_lists(subjects, lists, ratios, seed)
     listed = sorted(set().union(*lists.values()))
     files = subject_files(results, listed)
+    if out.resolve() == results or results.is_relative_to(out.resolve()) or out.resolve().is_relative_to(results):
+        raise TrackflowError(f"the output folder {out} must lie outside the TractoFlow results {results}")
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
-    check_outputs([out], overwrite)
+    check_outputs([out], overwrite, directories=True)
     groups = dict(GROUPS_CONFIG)
     if any(name.startswith("tractograms/") for name in files[listed[0]]):
         groups.update(STREAMLINES_GROUP)

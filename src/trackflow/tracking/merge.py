@@ -20,6 +20,8 @@ LOGGER = logging.getLogger(__name__)
 
 TRK_HEADER_SIZE = 1000
 TRK_COUNT = slice(988, 992)  # int32 n_count in the TrackVis header
+TRK_N_SCALARS = slice(36, 38)  # int16 n_scalars (values per point after x, y, z)
+TRK_N_PROPERTIES = slice(238, 240)  # int16 n_properties (values per streamline)
 TCK_END = np.full(3, np.inf, "<f4").tobytes()  # the point that ends a .tck body
 
 
@@ -36,7 +38,7 @@ def merge_tractograms(out_path, in_paths: list, overwrite: bool = False) -> int:
             raise TrackflowError(f"tractogram {path} does not exist")
         if path.suffix.lower() != suffix:
             raise TrackflowError(f"{path} is not a {suffix} file like the output {out_path}")
-    check_outputs([out_path], overwrite)
+    check_outputs([out_path], overwrite, inputs=in_paths)
     if suffix == ".trx":
         return _merge_trx(out_path, in_paths)
     split = _split_trk if suffix == ".trk" else _split_tck
@@ -64,7 +66,28 @@ def _split_trk(path: Path) -> tuple:
     header = bytearray(data[:TRK_HEADER_SIZE])
     (count,) = struct.unpack("<i", header[TRK_COUNT])
     header[TRK_COUNT] = bytes(4)
-    return bytes(header), count, data[TRK_HEADER_SIZE:]
+    body = data[TRK_HEADER_SIZE:]
+    _check_trk_body(path, header, count, body)
+    return bytes(header), count, body
+
+
+def _check_trk_body(path: Path, header: bytes, count: int, body: bytes) -> None:
+    """The body must hold exactly ``count`` streamlines (a truncated chunk would be copied as is)."""
+    (n_scalars,) = struct.unpack("<h", header[TRK_N_SCALARS])
+    (n_properties,) = struct.unpack("<h", header[TRK_N_PROPERTIES])
+    offset = 0
+    for _ in range(count):
+        if offset + 4 > len(body):
+            break
+        (n_points,) = struct.unpack_from("<i", body, offset)
+        if n_points < 0:
+            break
+        offset += 4 + 4 * (n_points * (3 + n_scalars) + n_properties)
+    else:
+        if offset == len(body):
+            return
+    raise TrackflowError(f"{path} is truncated or damaged: its body does not hold the {count} streamlines "
+                         "of its header")
 
 
 def _trk_header(header: bytes, count: int) -> bytes:
@@ -101,7 +124,12 @@ def _tck_header(header: tuple, count: int) -> bytes:
 
 def _merge_trx(out_path: Path, in_paths: list) -> int:
     import trx.trx_file_memmap as tmm
-    chunks = [tmm.load(str(path)) for path in in_paths]
+    chunks = []
+    for path in in_paths:
+        try:
+            chunks.append(tmm.load(str(path)))
+        except Exception as e:  # zipfile, numpy and json raise many types for damaged archives
+            raise TrackflowError(f"cannot read tractogram {path}: {e}") from None
     try:
         first = chunks[0].header
         for path, chunk in zip(in_paths[1:], chunks[1:]):

@@ -10,7 +10,7 @@ everywhere keeps the arithmetic, hence the streamlines, the same whatever the nu
 
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import signal
 
 import torch
 
@@ -36,9 +36,17 @@ def seed_pieces(start: int, end: int, n_pieces: int) -> list:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _track_piece(bounds: tuple) -> TrackingResult:
+def _start_worker() -> None:
+    # The parent owns the signals: on SIGTERM or Ctrl-C it terminates the workers (SIGTERM, default action:
+    # they die quietly) instead of each one printing its own KeyboardInterrupt.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
-    return _TRACKER.track_range(*bounds)
+
+
+def _track_piece(indexed_bounds: tuple) -> tuple:
+    k, bounds = indexed_bounds
+    return k, _TRACKER.track_range(*bounds)
 
 
 def track_in_processes(tracker: Tracker, start: int, end: int, processes: int, progress=None) -> TrackingResult:
@@ -56,15 +64,19 @@ def track_in_processes(tracker: Tracker, start: int, end: int, processes: int, p
             raise TrackflowError("--processes is for CPU tracking: a GPU tracks in one process")
         pieces = seed_pieces(start, end, processes * PIECES_PER_PROCESS)
         _TRACKER = tracker
-        with ProcessPoolExecutor(min(processes, len(pieces)), mp_context=multiprocessing.get_context("fork")) \
-                as pool:
-            futures = {pool.submit(_track_piece, piece): k for k, piece in enumerate(pieces)}
+        pool = multiprocessing.get_context("fork").Pool(min(processes, len(pieces)), initializer=_start_worker)
+        try:
             results = [None] * len(pieces)
-            for future in as_completed(futures):
-                k = futures[future]
-                results[k] = future.result()
+            for k, result in pool.imap_unordered(_track_piece, enumerate(pieces)):
+                results[k] = result
                 if progress is not None:
                     progress.update(pieces[k][1] - pieces[k][0])
+            pool.close()
+        except BaseException:
+            pool.terminate()  # interrupted, or a piece failed: stop the others now, not after their pieces
+            raise
+        finally:
+            pool.join()
         return concatenate_results(results)
     finally:
         _TRACKER = None
