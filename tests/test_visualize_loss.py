@@ -269,7 +269,7 @@ def test_a_corrupted_object_header_in_the_hdf5_is_one_line(world, tmp_path, caps
         f.write(b"\xff" * 64)
     _fails_with_one_line([str(world["l2t_eos"]), str(hdf5), SUBJECT, "input", "--streamlines_group", "streamlines",
                           "--subset", "training", "--compute_histogram", "--out_dir", str(tmp_path / "out")],
-                         capsys, f"cannot read {hdf5}")
+                         capsys, f"{hdf5} is damaged")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

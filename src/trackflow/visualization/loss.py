@@ -305,20 +305,17 @@ def visualize_loss(model_family: str, experiment_path, hdf5_file, subj_id: str, 
     paths = _planned_outputs(experiment_path, subj_id, options, has_eos,
                              inputs=[hdf5_file, options.streamlines_file, options.reference])
 
-    try:
-        with HDF5Cohort(hdf5_file) as cohort:
-            _check_cohort(cohort, hdf5_file, subj_id, input_group, options.subset, model.nb_features)
-            streamlines, preprocessing = _load_reference_streamlines(cohort, subj_id, input_group, options)
-            if len(streamlines) == 0:
-                raise TrackflowError("no reference streamline to evaluate")
-            if options.save_colored_best_and_worst is not None:
-                check_best_and_worst_count(len(streamlines))
-            grid = cohort.reference_nifti(subj_id, input_group)
-            losses = compute_point_losses(model, cohort, subj_id, input_group, streamlines, preprocessing,
-                                          options.batch_size, device,
-                                          with_directions=options.save_displacement is not None)
-    except (OSError, KeyError) as e:  # h5py's answer to a damaged file (a corrupted object header, say)
-        raise TrackflowError(f"cannot read {hdf5_file}: {e}") from None
+    with HDF5Cohort(hdf5_file) as cohort:
+        _check_cohort(cohort, hdf5_file, subj_id, input_group, options.subset, model.nb_features)
+        streamlines, preprocessing = _load_reference_streamlines(cohort, subj_id, input_group, options)
+        if len(streamlines) == 0:
+            raise TrackflowError("no reference streamline to evaluate")
+        if options.save_colored_best_and_worst is not None:
+            check_best_and_worst_count(len(streamlines))
+        grid = cohort.reference_nifti(subj_id, input_group)
+        losses = compute_point_losses(model, cohort, subj_id, input_group, streamlines, preprocessing,
+                                      options.batch_size, device,
+                                      with_directions=options.save_displacement is not None)
 
     for line in _summary_lines(losses):
         print(line)
