@@ -17,7 +17,9 @@ import torch
 from trackflow.errors import TrackflowError
 from trackflow.tracking.tracker import Tracker, TrackingResult, concatenate_results
 
-PIECES_PER_PROCESS = 4  # smaller pieces even out the processes' loads and move the progress bar
+# One piece per process: each piece ends with a tail of few live slots, so more pieces cost more CPU (4 per
+# process took 34% more CPU than one process on 5,000 seeds; 1 per process, 5%).
+PIECES_PER_PROCESS = 1
 
 _TRACKER = None  # the tracker the forked workers inherit
 
