@@ -1,10 +1,30 @@
 # Configuration checks, cohort paths and every input function of the workflow; rules call these by name.
+import os
 import re
 import shlex
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.sourcecache import HostingProviderFile, LocalGitFile, LocalSourceFile
 from snakemake.utils import validate
+
+
+def trackflow_source(rules_dir):
+    """What envs/trackflow.post-deploy.sh installs into the rules' conda env: the trackflow package of this
+    workflow's own repository (two folders above workflow/rules), wherever the workflow was deployed from."""
+    if isinstance(rules_dir, LocalSourceFile):  # a clone, or a module given by path (snakedeploy from a folder)
+        return str(Path(rules_dir.get_path_or_uri(secret_free=True)).parents[1])
+    if isinstance(rules_dir, HostingProviderFile):  # module: github(...) / gitlab(...) (snakedeploy from a URL)
+        return f"git+https://{rules_dir.host}/{rules_dir.repo}@{rules_dir.ref}"
+    if isinstance(rules_dir, LocalGitFile):  # module: gitfile(...)
+        return f"git+file://{os.path.abspath(rules_dir.repo_path)}@{rules_dir.ref}"
+    return None
+
+
+# Snakemake runs the post-deploy script from the working directory, which is not this repository once the
+# workflow is deployed, with this process's environment: hand it the source here (a user's own value wins).
+if trackflow_source(workflow.current_basedir):
+    os.environ.setdefault("TRACKFLOW_SOURCE", trackflow_source(workflow.current_basedir))
 
 
 if not config:
