@@ -1,15 +1,37 @@
 # Configuration checks, cohort paths and every input function of the workflow; rules call these by name.
+import os
 import re
 import shlex
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.sourcecache import HostingProviderFile, LocalGitFile, LocalSourceFile
 from snakemake.utils import validate
 
 
+def trackflow_source(rules_dir):
+    """What envs/trackflow.post-deploy.sh installs into the rules' conda env: the trackflow package of this
+    workflow's own repository (two folders above workflow/rules), wherever the workflow was deployed from."""
+    if isinstance(rules_dir, LocalSourceFile):  # a clone, or a module given by path (snakedeploy from a folder)
+        return str(Path(rules_dir.get_path_or_uri(secret_free=True)).parents[1])
+    if isinstance(rules_dir, HostingProviderFile):  # module: github(...) / gitlab(...) (snakedeploy from a URL)
+        return f"git+https://{rules_dir.host}/{rules_dir.repo}@{rules_dir.ref}"
+    if isinstance(rules_dir, LocalGitFile):  # module: gitfile(...)
+        return f"git+file://{os.path.abspath(rules_dir.repo_path)}@{rules_dir.ref}"
+    return None
+
+
+# Snakemake runs the post-deploy script from the working directory, which is not this repository once the
+# workflow is deployed, with this process's environment: hand it the source here (a user's own value wins).
+if trackflow_source(workflow.current_basedir):
+    os.environ.setdefault("TRACKFLOW_SOURCE", trackflow_source(workflow.current_basedir))
+
+
 if not config:
-    raise WorkflowError("no config: run with --configfile (config/demo.yaml for the demo) or write "
-                        "config/config.yaml in the working directory (see config/README.md).")
+    raise WorkflowError(
+        "no config: run with --configfile (config/demo.yaml for the demo) or write "
+        "config/config.yaml in the working directory (see config/README.md)."
+    )
 validate(config, schema="../schemas/config.schema.yaml")
 
 DEMO = config["demo"]["enabled"]
@@ -25,18 +47,29 @@ def check(condition, message):
         raise WorkflowError(f"config {message}")
 
 
-check((TRACKING["npv"] is None) != (TRACKING["nt"] is None),
-      "tracking: give npv or nt, not both (set the other to null)" if TRACKING["npv"] is not None
-      else "tracking: give npv or nt (both are null)")
+check(
+    (TRACKING["npv"] is None) != (TRACKING["nt"] is None),
+    (
+        "tracking: give npv or nt, not both (set the other to null)"
+        if TRACKING["npv"] is not None
+        else "tracking: give npv or nt (both are null)"
+    ),
+)
 for section in ("tracking", "filtering"):
-    check(config[section]["min_length"] <= config[section]["max_length"],
-          f"{section}.min_length ({config[section]['min_length']}) is above {section}.max_length "
-          f"({config[section]['max_length']})")
-check(config["hdf5"]["step_size"] is None or config["hdf5"]["compress"] is None,
-      "hdf5: give step_size or compress, not both.")
+    check(
+        config[section]["min_length"] <= config[section]["max_length"],
+        f"{section}.min_length ({config[section]['min_length']}) is above {section}.max_length "
+        f"({config[section]['max_length']})",
+    )
+check(
+    config["hdf5"]["step_size"] is None or config["hdf5"]["compress"] is None,
+    "hdf5: give step_size or compress, not both.",
+)
 VISU = config["loss_visualization"]
-check(not VISU["enabled"] or VISU["compute_histogram"] or VISU["save_colored_tractogram"],
-      "loss_visualization: enable compute_histogram or save_colored_tractogram (or set enabled: false).")
+check(
+    not VISU["enabled"] or VISU["compute_histogram"] or VISU["save_colored_tractogram"],
+    "loss_visualization: enable compute_histogram or save_colored_tractogram (or set enabled: false).",
+)
 check(not (DEMO and TRACTOFLOW["results"]), "demo.enabled and tractoflow.results: choose one cohort.")
 
 
@@ -56,8 +89,16 @@ def check_training_options(name, model):
     parser = build_train_parser("", model["kind"])
     parser.allow_abbrev = False
     parser.error = refuse
-    args = parser.parse_args(["experiments", name, "cohort.hdf5", model["input_group"],
-                              model["streamline_group"], *shlex.split(as_cli_options(model["training_options"]))])
+    args = parser.parse_args(
+        [
+            "experiments",
+            name,
+            "cohort.hdf5",
+            model["input_group"],
+            model["streamline_group"],
+            *shlex.split(as_cli_options(model["training_options"])),
+        ]
+    )
     try:
         training_arguments(args, model["kind"])
     except TrackflowError as error:
@@ -78,8 +119,11 @@ def cohort_inputs():
             **{f"{s}_subjects": f"{root}/{s}_subjs.txt" for s in ("training", "validation", "testing")},
         }
     missing = [key for key, value in config["cohort"].items() if value is None]
-    check(not missing, f"cohort: {', '.join(missing)} must be set (or set tractoflow.results, or run the demo: "
-                       "--configfile config/demo.yaml).")
+    check(
+        not missing,
+        f"cohort: {', '.join(missing)} must be set (or set tractoflow.results, or run the demo: "
+        "--configfile config/demo.yaml).",
+    )
     return dict(config["cohort"])
 
 
@@ -92,9 +136,12 @@ def tractoflow_lists():
     from trackflow.errors import TrackflowError
 
     try:
-        lists = subject_lists(tractoflow_subjects(TRACTOFLOW["results"]),
-                              {s: TRACTOFLOW[s] for s in ("training", "validation", "testing")},
-                              TRACTOFLOW["split"], TRACTOFLOW["seed"])
+        lists = subject_lists(
+            tractoflow_subjects(TRACTOFLOW["results"]),
+            {s: TRACTOFLOW[s] for s in ("training", "validation", "testing")},
+            TRACTOFLOW["split"],
+            TRACTOFLOW["seed"],
+        )
         subject_files(TRACTOFLOW["results"], sorted(set().union(*lists.values())))
     except TrackflowError as error:
         raise WorkflowError(f"config tractoflow: {error}")
@@ -119,12 +166,18 @@ def tracking_subjects():
     listed = known_subject_list(subset)
     if config["tracking_subjects"]:
         unknown = [s for s in config["tracking_subjects"] if listed is not None and s not in listed]
-        check(not unknown, f"tracking_subjects: {', '.join(unknown)} not in the {subset} subject list "
-                           f"({COHORT[f'{subset}_subjects']}; tracking.subset: {subset})")
+        check(
+            not unknown,
+            f"tracking_subjects: {', '.join(unknown)} not in the {subset} subject list "
+            f"({COHORT[f'{subset}_subjects']}; tracking.subset: {subset})",
+        )
         return list(config["tracking_subjects"])
     testing = known_subject_list("testing")
-    check(testing is not None, f"tracking_subjects is empty and {COHORT['testing_subjects']} does not exist "
-                               "yet: list the subjects to track.")
+    check(
+        testing is not None,
+        f"tracking_subjects is empty and {COHORT['testing_subjects']} does not exist "
+        "yet: list the subjects to track.",
+    )
     check(testing, f"tracking_subjects: no subject to track ({COHORT['testing_subjects']} is empty).")
     return testing
 
@@ -183,15 +236,34 @@ def training_options(wildcards):
 
 
 def hdf5_options():
-    return as_cli_options({"step_size": config["hdf5"]["step_size"], "compress": config["hdf5"]["compress"],
-                           "remove_invalid": config["hdf5"]["remove_invalid"]})
+    return as_cli_options(
+        {
+            "step_size": config["hdf5"]["step_size"],
+            "compress": config["hdf5"]["compress"],
+            "remove_invalid": config["hdf5"]["remove_invalid"],
+        }
+    )
 
 
 def tracking_options():
     """Every tracking option of the config as CLI options (a params: value, so edits rerun tracking)."""
-    options = {name: TRACKING[name] for name in (
-        "subset", "algo", "npv", "nt", "step_size", "theta", "min_length", "max_length", "eos_stop",
-        "tracking_mask_group", "simultaneous_tracking", "rng_seed")}
+    options = {
+        name: TRACKING[name]
+        for name in (
+            "subset",
+            "algo",
+            "npv",
+            "nt",
+            "step_size",
+            "theta",
+            "min_length",
+            "max_length",
+            "eos_stop",
+            "tracking_mask_group",
+            "simultaneous_tracking",
+            "rng_seed",
+        )
+    }
     options["discard_last_point"] = TRACKING["discard_last"]
     return " ".join(filter(None, [as_cli_options(options), device_options(TRACKING)]))
 
@@ -207,7 +279,9 @@ def filtering_reference(wildcards):
         return []
     if FILTERING["reference"] is None:
         return f"results/hdf5/references/{wildcards.subject}.nii.gz"
-    return str(Path(COHORT["dwi_ml_ready"], wildcards.subject, FILTERING["reference"].format(subject=wildcards.subject)))
+    return str(
+        Path(COHORT["dwi_ml_ready"], wildcards.subject, FILTERING["reference"].format(subject=wildcards.subject))
+    )
 
 
 def output_name(step, suffix=""):
@@ -217,9 +291,22 @@ def output_name(step, suffix=""):
 
 
 def loss_visualization_options():
-    return as_cli_options({"subset": TRACKING["subset"], **{
-        name: VISU[name] for name in ("compute_histogram", "save_colored_tractogram", "colormap",
-                                      "min_range", "max_range", "batch_size")}})
+    return as_cli_options(
+        {
+            "subset": TRACKING["subset"],
+            **{
+                name: VISU[name]
+                for name in (
+                    "compute_histogram",
+                    "save_colored_tractogram",
+                    "colormap",
+                    "min_range",
+                    "max_range",
+                    "batch_size",
+                )
+            },
+        }
+    )
 
 
 def streamline_group_in_hdf5(group):
@@ -252,8 +339,12 @@ def loss_visualization_outputs():
     outputs = loss_visualization_patterns()
     if "histogram" in outputs:
         outputs["histogram"] = report(
-            outputs["histogram"], caption="../report/loss_histogram.rst", category="Losses",
-            subcategory="{model}", labels={"subject": "{subject}", "model": "{model}"})
+            outputs["histogram"],
+            caption="../report/loss_histogram.rst",
+            category="Losses",
+            subcategory="{model}",
+            labels={"subject": "{subject}", "model": "{model}"},
+        )
     return outputs
 
 
@@ -279,8 +370,11 @@ def scored_subjects():
         return []
     if enabled is True:
         missing = [s for s in SUBJECTS if not has_ground_truth(s)]
-        check(not missing, f"scoring.enabled is true, and subjects without a bundles/ folder in "
-                           f"{COHORT['dwi_ml_ready']}: {', '.join(missing)} (auto scores only those with one).")
+        check(
+            not missing,
+            f"scoring.enabled is true, and subjects without a bundles/ folder in "
+            f"{COHORT['dwi_ml_ready']}: {', '.join(missing)} (auto scores only those with one).",
+        )
         return SUBJECTS
     return [s for s in SUBJECTS if has_ground_truth(s)]
 
@@ -295,11 +389,15 @@ def scored_outputs():
 def summary_outputs():
     """The cohort table and plots, for the report; the score plots only when there are scores."""
     plots = ["streamline_counts"] + (["overall_scores", "bundle_scores"] if SCORED_SUBJECTS else [])
-    outputs = {"table": report("results/summary/cohort_summary.tsv", caption="../report/summary_table.rst",
-                               category="Cohort summary")}
+    outputs = {
+        "table": report(
+            "results/summary/cohort_summary.tsv", caption="../report/summary_table.rst", category="Cohort summary"
+        )
+    }
     for plot in plots:
-        outputs[plot] = report(f"results/summary/{plot}.png", caption=f"../report/{plot}.rst",
-                               category="Cohort summary")
+        outputs[plot] = report(
+            f"results/summary/{plot}.png", caption=f"../report/{plot}.rst", category="Cohort summary"
+        )
     return outputs
 
 
