@@ -44,7 +44,7 @@ def warn_ignored_dwi_ml_args(args: dict) -> None:
     given = []
     for dest in [d for d in args if d.startswith(_IGNORED_PREFIX)]:
         value = args.pop(dest)
-        if value not in (None, False):
+        if value is not None and value is not False:  # a given 0 is named too
             flag = dest[len(_IGNORED_PREFIX):]
             given.append(f"-{flag}" if len(flag) == 1 else f"--{flag}")
     if given:

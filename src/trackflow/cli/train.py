@@ -57,7 +57,7 @@ def add_experiment_positionals(parser: argparse.ArgumentParser) -> None:
 
 
 def add_preprocessing_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("Streamline preprocessing (default: as stored in the hdf5)")
+    group = parser.add_argument_group("Streamline preprocessing (none given: as stored in the hdf5)")
     exclusive = group.add_mutually_exclusive_group()
     exclusive.add_argument("--step_size", type=float, metavar="s",
                            help="Resample streamlines to this step size (mm).")
