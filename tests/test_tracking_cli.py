@@ -1,5 +1,6 @@
 """Tracking CLIs on the tiny demo cohort with tiny random-weight models (l2t and TTO)."""
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -115,9 +116,31 @@ def test_installed_console_script_runs(world, tmp_path):
     out = tmp_path / "script.tck"
     command = [str(Path(sys.executable).parent / "tt_track_from_model"), str(world["tto"]), SUBJECT, "input",
                str(out), "interface_mask", "--nt", "10", "--min_length", "0"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    log = tmp_path / "rule.log"  # stderr redirected to a file, as in a Snakemake rule or a SLURM job
+    with open(log, "w") as stderr:
+        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr, timeout=300)
+    assert done.returncode == 0, log.read_text()
     assert len(nib.streamlines.load(str(out)).streamlines) == 10
+    assert "\r" not in log.read_text() and "kept" in log.read_text()
+
+
+def test_no_progress_bar_noise_in_a_log_file(world, tmp_path):
+    log = tmp_path / "rule.log"
+    with open(log, "w") as stderr, contextlib.redirect_stderr(stderr):
+        run_l2t(world, tmp_path / "out.trk", "--nt", "10")
+    text = log.read_text()
+    assert "kept" in text and "\r" not in text and "seed/s" not in text
+
+
+def test_dwi_ml_tracking_options_without_effect_change_nothing(world, tmp_path, capsys):
+    run_l2t(world, tmp_path / "plain.trk", "--nt", "10")
+    capsys.readouterr()
+    run_l2t(world, tmp_path / "dwi_ml.trk", "--nt", "10", "--rng", "99", "--sphere", "repulsion724",
+            "--data_interp", "nearest", "--skip", "3", "--lazy", "--cache_size", "2")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "without effect" in line]
+    assert warnings == ["WARNING trackflow: accepted for dwi_ml compatibility but without effect here: "
+                        "--data_interp, --skip, --sphere, --lazy, --cache_size, --rng"]
+    assert (tmp_path / "plain.trk").read_bytes() == (tmp_path / "dwi_ml.trk").read_bytes()
 
 
 def run_l2t(world, out, *extra, experiment="l2t"):

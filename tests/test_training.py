@@ -1,6 +1,7 @@
 """Training on a tiny demo hdf5: batch rows and augmentation, the trainer, the experiment folder,
 reproducibility and resume, bad-input errors, log plots."""
 
+import csv
 import json
 import os
 import pickle
@@ -312,6 +313,19 @@ def test_visualize_logs_writes_pngs(tiny_hdf5, tmp_path, capsys):
     with pytest.raises(SystemExit):
         visualize_logs.main([str(exp), "--save_figures", str(prefix)])
     assert "already exists" in capsys.readouterr().err
+
+    # dwi_ml's --save_to_csv and --remove_outliers; its layout options are accepted with one warning
+    table = tmp_path / "logs.csv"
+    visualize_logs.main([str(exp), "--save_figures", str(tmp_path / "dwi_ml_"), "--save_to_csv", str(table),
+                         "--remove_outliers", "--graph", "Loss", "train_loss_monitor_per_epoch", "--nb_plots_per_fig",
+                         "2"])
+    assert capsys.readouterr().err.count("without effect here: --graph, --nb_plots_per_fig") == 1
+    rows = {row[1]: row for row in csv.reader(table.open())}
+    assert rows.keys() == {name.removesuffix(".npy") for name in LOG_FILES.values()}
+    train_loss = np.load(exp / "logs" / LOG_FILES["train_loss"])
+    assert rows["train_loss_monitor_per_epoch"][0] == "exp"
+    np.testing.assert_allclose([float(v) for v in rows["train_loss_monitor_per_epoch"][2:]], train_loss, rtol=1e-5)
+    assert (tmp_path / "dwi_ml_loss.png").is_file()
 
 
 @pytest.mark.parametrize("damage", [lambda p: p.write_bytes(p.read_bytes()[:-10]), lambda p: p.write_bytes(b"junk"),

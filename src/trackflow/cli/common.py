@@ -14,6 +14,43 @@ from trackflow.errors import TrackflowError
 LOGGER = logging.getLogger("trackflow")
 
 
+def new_parser(**kwargs) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` without prefix matching: ``--rng`` must never silently mean ``--rng_seed``, nor
+    ``--max_epoch`` (from a config) ``--max_epochs``. Abbreviations that dwi_ml's documentation uses are
+    explicit aliases instead."""
+    return argparse.ArgumentParser(allow_abbrev=False, **kwargs)
+
+
+# dest prefix of the options accepted for dwi_ml's command lines that have no effect here
+_IGNORED_PREFIX = "ignored_dwi_ml_"
+
+
+def add_ignored_dwi_ml_args(parser: argparse.ArgumentParser, options: dict) -> None:
+    """Accept dwi_ml options that do nothing here, so that dwi_ml command lines run unchanged.
+
+    ``options`` maps an option string to ``(argparse keyword arguments, why it has no effect)``; when given,
+    ``warn_ignored_dwi_ml_args`` names them in one warning."""
+    group = parser.add_argument_group("Accepted for dwi_ml compatibility, no effect here")
+    for flag, (kwargs, why) in options.items():
+        if kwargs.get("action") != "store_true":
+            kwargs = {"metavar": flag.lstrip("-").upper(), **kwargs}
+        group.add_argument(flag, dest=_IGNORED_PREFIX + flag.lstrip("-"), default=None,
+                           help=f"No effect here: {why}.", **kwargs)
+
+
+def warn_ignored_dwi_ml_args(args: dict) -> None:
+    """Remove the ignored dwi_ml options from ``args`` (``vars(namespace)``), with one warning naming those
+    given."""
+    given = []
+    for dest in [d for d in args if d.startswith(_IGNORED_PREFIX)]:
+        value = args.pop(dest)
+        if value is not None and value is not False:  # a given 0 is named too
+            flag = dest[len(_IGNORED_PREFIX):]
+            given.append(f"-{flag}" if len(flag) == 1 else f"--{flag}")
+    if given:
+        LOGGER.warning("accepted for dwi_ml compatibility but without effect here: %s", ", ".join(given))
+
+
 def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
     """scilpy-style ``-v [LEVEL]``: bare ``-v`` means INFO, default WARNING."""
     parser.add_argument(

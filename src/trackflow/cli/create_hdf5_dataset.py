@@ -1,14 +1,13 @@
-"""dwiml_create_hdf5_dataset: pack a dwi_ml_ready folder into one hdf5 file (dwi_ml spec §1.2)."""
+"""dwiml_create_hdf5_dataset: pack a dwi_ml_ready folder into one hdf5 file (dwi_ml's format and options)."""
 
 import argparse
 
-from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, run_cli, setup_logging
+from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, new_parser, run_cli, setup_logging
 from trackflow.data.hdf5.creation import create_hdf5_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = new_parser(description=__doc__)
     parser.add_argument("dwi_ml_ready_folder", help="Folder with one sub-folder per subject.")
     parser.add_argument("out_hdf5_file", help="Output .hdf5 file (extension added if missing).")
     parser.add_argument("config_file", help="JSON description of the hdf5 groups.")

@@ -12,7 +12,7 @@ Example::
 
 import argparse
 
-from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, run_cli, setup_logging
+from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, new_parser, run_cli, setup_logging
 from trackflow.evaluation.length_filter import filter_tractogram_by_length
 
 
@@ -24,7 +24,7 @@ def _length_mm(text: str) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("in_tractogram", help="Tractogram to filter (.trk, .trx, or .tck with --reference).")
     p.add_argument("out_tractogram", help="Filtered tractogram.")
     p.add_argument("--minL", type=_length_mm, default=0.0, help="Shortest length kept, in mm. [%(default)s]")

@@ -6,12 +6,12 @@ config/{training,validation,testing}_subjs.txt and README.txt (acquisition, SH b
 
 import argparse
 
-from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, run_cli, setup_logging
+from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, new_parser, run_cli, setup_logging
 from trackflow.data.demo import DEFAULT_STREAMLINES_PER_BUNDLE, make_demo_cohort
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = new_parser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="Output folder (created; must not exist unless -f).")
     parser.add_argument("--subjects", type=int, default=4, help="Number of subjects. [%(default)s]")

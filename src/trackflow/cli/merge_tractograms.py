@@ -10,13 +10,12 @@ Example::
 
 import argparse
 
-from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, run_cli, setup_logging
+from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, new_parser, run_cli, setup_logging
 from trackflow.tracking.merge import merge_tractograms
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = new_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_tractogram", help="Merged tractogram (.trk, .tck or .trx).")
     p.add_argument("in_tractograms", nargs="+", help="Chunks, in seed order, in the output's format.")
     add_overwrite_arg(p)

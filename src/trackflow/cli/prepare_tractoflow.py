@@ -17,13 +17,12 @@ Example::
 
 import argparse
 
-from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, run_cli, setup_logging
+from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, new_parser, run_cli, setup_logging
 from trackflow.data.tractoflow import prepare_tractoflow
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = new_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", help="TractoFlow's results/ folder (one sub-folder per subject).")
     p.add_argument("out", help="Output folder (dwi_ml_ready/, hdf5_config.json, the subject lists).")
     lists = p.add_argument_group("Subject lists (give them, or leave all three out for a seeded split)")

@@ -4,13 +4,13 @@ import argparse
 import json
 import logging
 
-from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, run_cli, setup_logging
+from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, new_parser, run_cli, setup_logging
 from trackflow.files import atomic_output, check_outputs
 from trackflow.evaluation.tractometer import score_tractogram_file
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + "\n\n" + (
+    p = new_parser(description=__doc__.split("\n")[0] + "\n\n" + (
         "Ground truth: <bundles_dir>/<subject>__<bundle>__{head,tail,mask}.nii.gz (the demo cohort's "
         "dwi_ml_ready/<subject>/bundles). Metrics: VB, IB, VS, IS, NC, OL, OR (ISMRM 2015 definition), "
         "F1, per bundle and overall."), formatter_class=argparse.RawDescriptionHelpFormatter)

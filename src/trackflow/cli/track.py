@@ -1,14 +1,15 @@
 """l2t_track_from_model and tt_track_from_model: track one subject of an hdf5 cohort with a trained model.
 
-One command line for every model (spec §6.1); option names are dwi_ml's. Argparse abbreviations stay on
-because the documented command lines use them (``--hdf5`` for ``--hdf5_file``, ``--discard_last`` for
-``--discard_last_point``).
+One command line for every model; option names are dwi_ml's. No argparse abbreviations (``--rng`` is
+dwi_ml's unused option, not ``--rng_seed``); the two that dwi_ml's documentation uses, ``--hdf5`` for
+``--hdf5_file`` and ``--discard_last`` for ``--discard_last_point``, are aliases.
 """
 
 import argparse
 
-from trackflow.cli.common import (add_overwrite_arg, add_verbose_arg, positive_float, positive_int, probability,
-                                  run_cli, setup_logging)
+from trackflow.cli.common import (add_ignored_dwi_ml_args, add_overwrite_arg, add_verbose_arg, new_parser,
+                                  positive_float, positive_int, probability, run_cli, setup_logging,
+                                  warn_ignored_dwi_ml_args)
 from trackflow.data.hdf5.reader import SUBSET_NAMES
 from trackflow.tracking.decoders import ALGOS
 from trackflow.tracking.run import TrackingOptions, track_from_experiment
@@ -21,8 +22,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """Parser of the tracking scripts; ``vars(args)`` minus ``verbose`` and the positionals are
     ``TrackingOptions``' fields."""
     defaults = TrackingOptions()
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = new_parser(prog=prog, description=description)
     p.add_argument("experiment_path", help="Experiment folder (with best_model/).")
     p.add_argument("subj_id", help="Subject id in the hdf5 file.")
     p.add_argument("input_group", help="Volume group holding the model's input.")
@@ -31,35 +31,36 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                               "its grid is the output's reference.")
 
     data = p.add_argument_group("Data")
-    data.add_argument("--hdf5_file", help="hdf5 file [the 'hdf5 file' of the experiment's "
+    data.add_argument("--hdf5_file", "--hdf5", help="hdf5 file [the 'hdf5 file' of the experiment's "
                                           "parameters_latest.json].")
     data.add_argument("--subset", default=defaults.subset, choices=SUBSET_NAMES,
                       help="Subset expected to hold the subject (a warning only: the subject is found "
-                           "in any subset).")
+                           "in any subset). [%(default)s]")
     data.add_argument("--use_latest_epoch", action="store_true",
                       help="Use checkpoint/model/ instead of best_model/.")
 
     tracking = p.add_argument_group("Tracking")
     tracking.add_argument("--algo", default=defaults.algo, choices=ALGOS,
-                          help="Deterministic or sampled directions (the head must support sampling).")
+                          help="Deterministic or sampled directions (the head must support sampling). "
+                               "[%(default)s]")
     tracking.add_argument("--step_size", type=positive_float,
                           help="Step in mm [the model's training step size].")
     tracking.add_argument("--theta", type=float, default=defaults.theta,
-                          help="Largest angle (degrees) between two consecutive steps.")
+                          help="Largest angle (degrees) between two consecutive steps. [%(default)s]")
     tracking.add_argument("--min_length", type=float, default=defaults.min_length,
-                          help="Shortest streamline kept, in mm (measured on the output).")
+                          help="Shortest streamline kept, in mm (measured on the output). [%(default)s]")
     tracking.add_argument("--max_length", type=positive_float, default=defaults.max_length,
-                          help="Longest streamline, in mm (both halves together).")
+                          help="Longest streamline, in mm (both halves together). [%(default)s]")
     tracking.add_argument("--tracking_mask_group",
                           help="Volume group of the tracking mask (stop where its value < 0.5); without "
                                "it only the volume bounds (and EOS, angle, length) stop.")
     tracking.add_argument("--mask_interp", default=defaults.mask_interp, choices=MASK_INTERPOLATIONS,
-                          help="Interpolation of the tracking mask.")
+                          help="Interpolation of the tracking mask. [%(default)s]")
     tracking.add_argument("--eos_stop", type=probability,
                           help="Stop when the EOS probability exceeds this [0.5 when the model has EOS].")
-    tracking.add_argument("--discard_last_point", action="store_true",
-                          help="Keep only points inside the tracking mask (default: the first point "
-                               "outside is kept, as dipy and scilpy).")
+    tracking.add_argument("--discard_last_point", "--discard_last", action="store_true",
+                          help="Keep only points inside the tracking mask [off: the first point outside is "
+                               "kept, as dipy and scilpy].")
     tracking.add_argument("--track_forward_only", action="store_true", help="Skip the backward half.")
 
     seeding = p.add_argument_group("Seeding")
@@ -80,7 +81,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     device.add_argument("--use_gpu", action="store_true",
                         help="Track on the GPU (CUDA); falls back to the CPU with a warning.")
     device.add_argument("--simultaneous_tracking", type=positive_int, default=defaults.simultaneous_tracking,
-                        help="Streamlines tracked at once (slots of the batched tracker).")
+                        help="Streamlines tracked at once (slots of the batched tracker). [%(default)s]")
     device.add_argument("--processes", type=positive_int,
                         help="CPU processes sharing the seeds, one torch thread each; the same streamlines "
                              "for any number [every core the job was given: CPU affinity or "
@@ -90,6 +91,14 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                               "seed count): chunks that trackflow_merge_tractograms joins, in order, into the "
                               "whole run's tractogram [all seeds].")
 
+    add_ignored_dwi_ml_args(p, {
+        "--data_interp": (dict(choices=("nearest", "trilinear")), "inputs are always interpolated trilinearly"),
+        "--skip": (dict(type=int), "unused in dwi_ml too (--seed_range tracks a part of the seeds)"),
+        "--sphere": (dict(), "classification heads use the sphere they were trained with"),
+        "--lazy": (dict(action="store_true"), "the subject's volumes are always read at once"),
+        "--cache_size": (dict(type=int), "the subject's volumes are always read at once"),
+        "--rng": (dict(type=int), "unused in dwi_ml too (the seed of tracking is --rng_seed)"),
+    })
     add_overwrite_arg(p)
     add_verbose_arg(p)
     return p
@@ -103,6 +112,7 @@ def _track(model_family: str, args: dict):
 def _main(model_family: str, prog: str, description: str, argv):
     args = vars(build_parser(prog, description).parse_args(argv))
     setup_logging(args.pop("verbose"))
+    warn_ignored_dwi_ml_args(args)
     run_cli(_track, model_family, args)  # inside run_cli: a rule broken in TrackingOptions is one line
 
 

@@ -1,5 +1,5 @@
 """The train and resume command lines (dwi_ml's ``l2t_/tt_train_model`` and
-``l2t_/tt_resume_training_from_checkpoint``; spec dwi_ml.md §5.1, §2.3, §3, §4).
+``l2t_/tt_resume_training_from_checkpoint``).
 
 Option names and defaults are dwi_ml's. The options are mapped onto the model's config (``L2TConfig``,
 ``TransformerConfig``/``TTSTConfig``/``TTOConfig``) and the trainer's parameter objects; the models and
@@ -8,7 +8,8 @@ those objects validate them, before anything is read or trained.
 
 import argparse
 
-from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, run_cli, setup_logging
+from trackflow.cli.common import (add_ignored_dwi_ml_args, add_overwrite_arg, add_verbose_arg, new_parser, run_cli,
+                                  setup_logging, warn_ignored_dwi_ml_args)
 from trackflow.errors import TrackflowError
 from trackflow.geometry.neighborhood import NEIGHBORHOOD_TYPES
 from trackflow.models.attention import ACTIVATIONS
@@ -56,7 +57,7 @@ def add_experiment_positionals(parser: argparse.ArgumentParser) -> None:
 
 
 def add_preprocessing_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("Streamline preprocessing (default: as stored in the hdf5)")
+    group = parser.add_argument_group("Streamline preprocessing (none given: as stored in the hdf5)")
     exclusive = group.add_mutually_exclusive_group()
     exclusive.add_argument("--step_size", type=float, metavar="s",
                            help="Resample streamlines to this step size (mm).")
@@ -107,14 +108,16 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
                             "then 0.0001). [0.001]")
     group.add_argument("--weight_decay", type=float, default=0.01, help="Weight decay. [%(default)s]")
     group.add_argument("--optimizer", choices=list(OPTIMIZERS), default="Adam",
-                       help="[%(default)s]")
-    group.add_argument("--max_epochs", type=int, default=100, help="[%(default)s]")
+                       help="Optimizer. [%(default)s]")
+    group.add_argument("--max_epochs", type=int, default=100, help="Maximum number of epochs. [%(default)s]")
     group.add_argument("--patience", type=int,
                        help="Stop after this many epochs without improvement. [no early stopping]")
     group.add_argument("--patience_delta", type=float, default=1e-6,
                        help="Smallest decrease of the monitored loss counted as an improvement. [%(default)s]")
-    group.add_argument("--max_batches_per_epoch_training", type=int, default=1000, help="[%(default)s]")
-    group.add_argument("--max_batches_per_epoch_validation", type=int, default=1000, help="[%(default)s]")
+    group.add_argument("--max_batches_per_epoch_training", type=int, default=1000,
+                       help="Training batches per epoch, at most. [%(default)s]")
+    group.add_argument("--max_batches_per_epoch_validation", type=int, default=1000,
+                       help="Validation batches per epoch, at most. [%(default)s]")
     group.add_argument("--clip_grad", type=float, help="Clip the gradient norm to this value. [no clipping]")
 
 
@@ -130,23 +133,29 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
                        help="With --lazy: volumes kept in memory per subset. [%(default)s]")
 
 
-def add_input_args(parser: argparse.ArgumentParser, default_embedding: str) -> None:
+def add_input_args(parser: argparse.ArgumentParser, default_embedding: str, cnn: bool) -> None:
+    """The input options; ``cnn``: offer the CNN embedding (Learn2track only: transformers cannot use it)."""
     group = parser.add_argument_group("Model inputs")
     group.add_argument("--neighborhood_type", choices=NEIGHBORHOOD_TYPES,
                        help="Also interpolate the input at neighbours of each point.")
     group.add_argument("--neighborhood_radius", type=int, help="Neighbourhood radius (integer).")
     group.add_argument("--neighborhood_resolution", type=float,
                        help="Distance between neighbours, in voxels.")
-    group.add_argument("--input_embedding_key", choices=EMBEDDING_KEYS,
-                       default=default_embedding, help="[%(default)s]")
+    group.add_argument("--input_embedding_key", default=default_embedding,
+                       choices=[key for key in EMBEDDING_KEYS if cnn or key != "cnn_embedding"],
+                       help="Embedding of the interpolated inputs. [%(default)s]")
     group.add_argument("--input_embedded_size", type=int, help="Output size of the nn input embedding.")
-    group.add_argument("--nb_cnn_filters", type=int, nargs="+", help="CNN embedding: filters per layer.")
-    group.add_argument("--kernel_size", type=int, nargs="+", help="CNN embedding: kernel size per layer.")
+    if cnn:
+        group.add_argument("--nb_cnn_filters", type=int, nargs="+", help="CNN embedding: filters per layer.")
+        group.add_argument("--kernel_size", type=int, nargs="+", help="CNN embedding: kernel size per layer.")
+    else:
+        parser.set_defaults(nb_cnn_filters=None, kernel_size=None)
 
 
 def add_direction_getter_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Direction getter (output head)")
-    group.add_argument("--dg_key", choices=DIRECTION_GETTER_KEYS, default="cosine-regression", help="[%(default)s]")
+    group.add_argument("--dg_key", choices=DIRECTION_GETTER_KEYS, default="cosine-regression",
+                       help="Output head (and its loss). [%(default)s]")
     group.add_argument("--dg_dropout", type=float, default=0.0, help="Dropout in the head. [%(default)s]")
     group.add_argument("--add_entropy_to_gauss", type=float, nargs="?", const=1.0, metavar="w",
                        help="gaussian head: subtract w * entropy from the loss. [%(const)s when given alone]")
@@ -162,21 +171,24 @@ def add_direction_getter_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_l2t_model_args(parser: argparse.ArgumentParser) -> None:
-    add_input_args(parser, default_embedding="no_embedding")
+    add_input_args(parser, default_embedding="no_embedding", cnn=True)
     group = parser.add_argument_group("Learn2track")
     group.add_argument("--nb_previous_dirs", type=int, default=0,
                        help="Previous directions concatenated to the input. [%(default)s]")
     group.add_argument("--prev_dirs_embedding_key", choices=PREV_DIRS_EMBEDDING_KEYS,
-                       default="no_embedding", help="[%(default)s]")
+                       default="no_embedding", help="Embedding of the previous directions. [%(default)s]")
     group.add_argument("--prev_dirs_embedded_size", type=int, help="Output size of the nn prev-dir embedding.")
     group.add_argument("--normalize_prev_dirs", action="store_true",
                        help="Unit-normalize the previous directions.")
-    group.add_argument("--rnn_key", choices=RNN_KEYS, default="lstm", help="[%(default)s]")
-    group.add_argument("--rnn_layer_sizes", type=int, nargs="+", default=[100, 100], help="[100 100]")
+    group.add_argument("--rnn_key", choices=RNN_KEYS, default="lstm", help="Recurrent layer type. [%(default)s]")
+    group.add_argument("--rnn_layer_sizes", type=int, nargs="+", default=[100, 100],
+                       help="Hidden size of each stacked RNN layer. [100 100]")
     group.add_argument("--dropout", type=float, default=0.0,
                        help="Dropout after the embeddings and between RNN layers. [%(default)s]")
-    group.add_argument("--use_skip_connection", action="store_true")
-    group.add_argument("--use_layer_normalization", action="store_true")
+    group.add_argument("--use_skip_connection", action="store_true",
+                       help="Feed the input and every RNN layer's output to the head.")
+    group.add_argument("--use_layer_normalization", action="store_true",
+                       help="Layer normalization after each RNN layer.")
     add_direction_getter_args(parser)
 
 
@@ -185,29 +197,30 @@ def add_tt_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", choices=sorted(TT_MODEL_TYPES), default="TTO",
                        help="TTO: encoder-decoder; TTS: encoder on inputs; TTST: encoder on inputs and "
                             "previous directions. [%(default)s]")
-    add_input_args(parser, default_embedding="nn_embedding")
+    add_input_args(parser, default_embedding="nn_embedding", cnn=False)
     group.add_argument("--position_encoding", choices=POSITIONAL_ENCODING_KEYS, default="sinusoidal",
-                       help="[%(default)s]")
+                       help="Positional encoding. [%(default)s]")
     group.add_argument("--SOS_token_type", choices=SOS_TOKEN_TYPES, default="as_label",
                        help="TTO/TTST target tokens. [%(default)s]")
     group.add_argument("--target_embedding_key", choices=TARGET_EMBEDDING_KEYS,
                        default="nn_embedding", help="TTO/TTST. [%(default)s]")
     group.add_argument("--target_embedded_size", type=int, help="TTST only: target embedding size.")
     group.add_argument("--max_len", type=int, default=1000, help="Longest sequence. [%(default)s]")
-    group.add_argument("--nheads", type=int, default=8, help="[%(default)s]")
+    group.add_argument("--nheads", type=int, default=8, help="Attention heads. [%(default)s]")
     group.add_argument("--n_layers_e", type=int, default=6, help="Encoder layers. [%(default)s]")
     group.add_argument("--n_layers_d", type=int, help="TTO only: decoder layers. [= n_layers_e]")
-    group.add_argument("--dropout_rate", type=float, default=0.1, help="[%(default)s]")
+    group.add_argument("--dropout_rate", type=float, default=0.1,
+                       help="Dropout in the attention and feed-forward blocks. [%(default)s]")
     group.add_argument("--ffnn_hidden_size", type=int, help="Feed-forward width. [d_model / 2]")
-    group.add_argument("--activation", choices=list(ACTIVATIONS), default="relu", help="[%(default)s]")
+    group.add_argument("--activation", choices=list(ACTIVATIONS), default="relu",
+                       help="Activation of the feed-forward blocks. [%(default)s]")
     group.add_argument("--norm_first", action="store_true", help="Layer norm before attention and FFNN.")
     add_direction_getter_args(parser)
 
 
 def build_train_parser(description: str, family: str) -> argparse.ArgumentParser:
     """The full parser of ``l2t_train_model`` (family 'l2t') or ``tt_train_model`` ('tt')."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = new_parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_experiment_positionals(parser)
     add_preprocessing_args(parser)
     if family == "l2t":
@@ -218,13 +231,19 @@ def build_train_parser(description: str, family: str) -> argparse.ArgumentParser
     add_batch_loader_args(parser)
     add_trainer_args(parser)
     add_memory_args(parser)
+    add_ignored_dwi_ml_args(parser, {
+        "--remove_invalid": (dict(action="store_true"), "unused in dwi_ml's training too"),
+        "--processes": (dict(type=int), "batches are loaded in the training process"),
+        "--comet_workspace": (dict(), "no comet.ml logging (the logs/ folder has every monitor)"),
+        "--comet_project": (dict(), "no comet.ml logging (the logs/ folder has every monitor)"),
+    })
     add_verbose_arg(parser)
     add_overwrite_arg(parser)
     return parser
 
 
 def build_resume_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = new_parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiments_path", help="Folder holding the experiment folder.")
     parser.add_argument("experiment_name", help="Experiment folder to continue.")
     parser.add_argument("--hdf5_file", help="Use this hdf5 instead of the one recorded in the checkpoint.")
@@ -233,6 +252,8 @@ def build_resume_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--use_gpu", action="store_true",
                         help="Continue on the GPU (falls back to the CPU with a warning when CUDA is missing); "
                              "a runtime choice, not read from the checkpoint.")
+    add_ignored_dwi_ml_args(parser, {
+        "-f": (dict(action="store_true"), "resuming always continues the experiment in place")})
     add_verbose_arg(parser)
     return parser
 
@@ -333,12 +354,14 @@ def _train(args, family: str):
 def _train_main(argv, description: str, family: str):
     args = build_train_parser(description, family).parse_args(argv)
     setup_logging(args.verbose)
+    warn_ignored_dwi_ml_args(vars(args))
     run_cli(_train, args, family)
 
 
 def _resume_main(argv, description: str, family: str):
     args = build_resume_parser(description).parse_args(argv)
     setup_logging(args.verbose)
+    warn_ignored_dwi_ml_args(vars(args))
     run_cli(resume_experiment, family, args.experiments_path, args.experiment_name, hdf5_file=args.hdf5_file,
             new_patience=args.new_patience, new_max_epochs=args.new_max_epochs, use_gpu=args.use_gpu)
 

@@ -7,7 +7,8 @@ that a model of the other family is refused with the script to use.
 
 import argparse
 
-from trackflow.cli.common import add_overwrite_arg, add_verbose_arg, percent, positive_int, run_cli, setup_logging
+from trackflow.cli.common import (add_overwrite_arg, add_verbose_arg, new_parser, percent, positive_int, run_cli,
+                                  setup_logging)
 from trackflow.data.hdf5.reader import SUBSET_NAMES
 from trackflow.visualization.loss import DEFAULT_BEST_WORST_PERCENT, LossVisualizationOptions, visualize_loss
 
@@ -25,14 +26,11 @@ Example::
 _POSITIONAL = ("experiment_path", "hdf5_file", "subj_id", "input_group")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, example command lines kept as written."""
-
-
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """Parser of ``l2t_visualize_loss`` and ``tt_visualize_loss``; apart from ``verbose`` and the four
     positional arguments, its options are the fields of ``LossVisualizationOptions``."""
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_HelpFormatter)
+    # Example command lines kept as written; defaults are in each option's help.
+    p = new_parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment_path", help="Experiment folder (with best_model/).")
     p.add_argument("hdf5_file", help="Cohort hdf5 file.")
     p.add_argument("subj_id", help="Subject id in the hdf5 file.")
@@ -54,7 +52,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                                                    "the grid of the input volume.")
     data.add_argument("--reference", help="Reference image of a .tck --streamlines_file.")
     data.add_argument("--subset", default="testing", choices=list(SUBSET_NAMES),
-                      help="Subset expected to hold the subject (a warning only).")
+                      help="Subset expected to hold the subject (a warning only). [%(default)s]")
     data.add_argument("--use_latest_epoch", action="store_true",
                       help="Use checkpoint/model/ instead of best_model/.")
 
@@ -90,7 +88,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 
 def _add_figure_args(p: argparse.ArgumentParser) -> None:
     look = p.add_argument_group("Colours and figures")
-    look.add_argument("--colormap", default="plasma", help="Matplotlib colormap of the loss.")
+    look.add_argument("--colormap", default="plasma", help="Matplotlib colormap of the loss. [%(default)s]")
     look.add_argument("--min_range", type=float, help="Clip losses below this value [data minimum].")
     look.add_argument("--max_range", type=float, help="Clip losses above this value [data maximum].")
     look.add_argument("--min_range_eos_probs", type=float, help="Lower clip of EOS probabilities.")
@@ -100,7 +98,7 @@ def _add_figure_args(p: argparse.ArgumentParser) -> None:
     look.add_argument("--show_now", action="store_true",
                       help="Also show the figures (on a machine without display they are only saved).")
     look.add_argument("--fig_size", type=float, nargs=2, default=(10.0, 15.0), metavar=("WIDTH", "HEIGHT"),
-                      help="Histogram figure size in inches.")
+                      help="Histogram figure size in inches. [10 15]")
 
 
 def _visualize(model_family: str, args: dict) -> dict:

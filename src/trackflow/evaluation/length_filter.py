@@ -82,7 +82,7 @@ def filter_tractogram_by_length(in_tractogram, out_tractogram, out_counts, min_l
           atomic_output(out_counts, overwrite=overwrite) as tmp_counts):
         save_tractogram(filtered, str(tmp_tractogram), bbox_valid_check=False)
         pd.DataFrame([row], columns=KEYS + COUNT_COLUMNS).to_csv(tmp_counts, sep="\t", index=False,
-                                                                 na_rep="NA")
+                                                                 na_rep="NA", float_format="%.6g")
     LOGGER.info("kept %d of %d streamlines (%g-%g mm): %s", row["n_after"], row["n_before"], min_length,
                 max_length, out_tractogram)
     return row

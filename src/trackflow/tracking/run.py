@@ -301,7 +301,8 @@ def track_from_experiment(model_family: str, experiment_path, subj_id: str, inpu
     tracker = build_tracker(model, inputs, options, step_mm, rng_seed, device)
 
     started = time.perf_counter()
-    with tqdm(total=end - start, unit="seed", file=sys.stderr, mininterval=1.0) as progress:
+    # disable=None: a bar on a terminal only, no carriage-return noise in rule and SLURM logs
+    with tqdm(total=end - start, unit="seed", file=sys.stderr, mininterval=1.0, disable=None) as progress:
         result = track_in_processes(tracker, start, end, process_count(options, device), progress)
     seconds = time.perf_counter() - started
 

@@ -4,6 +4,7 @@ Reads ``<experiment>/logs/*.npy`` (names in ``trackflow.experiment.LOG_FILES``) 
 figures, one curve per experiment and monitor: the losses, the gradient norms and the epoch durations.
 """
 
+import csv
 import logging
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from trackflow.errors import TrackflowError  # noqa: E402
-from trackflow.experiment import ExperimentFolder  # noqa: E402
+from trackflow.experiment import LOG_FILES, ExperimentFolder  # noqa: E402
 from trackflow.files import atomic_output, check_outputs
 
 LOGGER = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ def figure_paths(prefix) -> dict:
     return {name: Path(f"{prefix}{name}.png") for name in FIGURES}
 
 
-def plot_logs(experiments, save_prefix=None, overwrite: bool = False) -> list:
+def plot_logs(experiments, save_prefix=None, overwrite: bool = False, csv_file=None,
+              remove_outliers: bool = False) -> list:
     """Write the log figures of the given experiment folders as PNG files.
 
     Parameters
@@ -46,6 +48,11 @@ def plot_logs(experiments, save_prefix=None, overwrite: bool = False) -> list:
         Output prefix: figures go to ``<prefix>loss.png``, ``<prefix>grad_norm.png``, ``<prefix>time.png``.
         Default: ``<first experiment>/logs/``.
     overwrite : bool
+    csv_file : path or None
+        Also write the logs as CSV, as dwi_ml does: one row per experiment and log, ``experiment, log name
+        (file name without .npy), value per epoch...``.
+    remove_outliers : bool
+        Draw values more than 3 std from a curve's mean as stars, off the line (not in the CSV).
 
     Returns
     -------
@@ -62,7 +69,7 @@ def plot_logs(experiments, save_prefix=None, overwrite: bool = False) -> list:
         raise TrackflowError("no log file found in the given experiments")
     prefix = save_prefix if save_prefix is not None else f"{Path(experiments[0]) / 'logs'}/"
     outputs = figure_paths(prefix)
-    check_outputs(outputs.values(), overwrite)
+    check_outputs([*outputs.values(), *([csv_file] if csv_file is not None else [])], overwrite)
 
     for name, (title, ylabel, curves) in FIGURES.items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -74,6 +81,10 @@ def plot_logs(experiments, save_prefix=None, overwrite: bool = False) -> list:
                 if values is None or not np.isfinite(values).any():
                     continue
                 epochs = np.arange(1, len(values) + 1)
+                if remove_outliers:
+                    outliers = np.abs(values - np.nanmean(values)) > 3 * np.nanstd(values)
+                    ax.scatter(epochs[outliers], values[outliers], marker="*", color=colour)
+                    epochs, values = epochs[~outliers], values[~outliers]
                 ax.plot(epochs, values, style, color=colour, marker="o", markersize=3,
                         label=f"{exp_name}: {label}" if len(logs) > 1 else label)
                 drawn += 1
@@ -89,4 +100,11 @@ def plot_logs(experiments, save_prefix=None, overwrite: bool = False) -> list:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
         LOGGER.info("wrote %s", outputs[name])
-    return list(outputs.values())
+    if csv_file is None:
+        return list(outputs.values())
+    rows = [[exp_name, LOG_FILES[monitor].removesuffix(".npy"), *(f"{v:.6g}" for v in values)]
+            for exp_name, exp_logs in logs.items() for monitor, values in exp_logs.items()]
+    with atomic_output(csv_file, overwrite=overwrite) as tmp, open(tmp, "w", newline="") as out:
+        csv.writer(out).writerows(rows)
+    LOGGER.info("wrote %s", csv_file)
+    return [*outputs.values(), Path(csv_file)]
