@@ -5,6 +5,7 @@ own source rather than from the working directory. Offline: the "repository" is 
 snakedeploy's provider for a local source makes one."""
 
 import copy
+import importlib.util
 import os
 import re
 import shutil
@@ -123,12 +124,10 @@ print("TRACKFLOW_SOURCE=" + os.environ["TRACKFLOW_SOURCE"])
 def fresh_env(path):
     """A new Python environment with pip and setuptools reachable but no trackflow of its own (offline, the
     build runs without isolation), standing for the conda env that Snakemake has just created."""
-    import pip
-    import setuptools
-
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
     site_packages = next((path / "lib").glob("python3*/site-packages"))
-    tools = {Path(pip.__file__).parents[1], Path(setuptools.__file__).parents[1]}
+    # Located, not imported: importing setuptools after the stdlib's distutils (torch's imports load it) fails.
+    tools = {Path(importlib.util.find_spec(name).origin).parents[1] for name in ("pip", "setuptools")}
     (site_packages / "tools.pth").write_text("".join(f"{tool}\n" for tool in tools))
     return site_packages
 
