@@ -63,6 +63,8 @@ def tractogram_snapshot(tractogram, out_png, title: str, max_streamlines: int = 
                                          linewidths=0.6, alpha=0.8))
         if len(segments):
             ax.autoscale_view()
+        else:
+            ax.text(0.5, 0.5, "no streamline", color="white", ha="center", va="center", transform=ax.transAxes)
         ax.set_aspect("equal")
         ax.set_title(view, color="white")
         ax.set_xlabel(AXIS_NAMES[horizontal], color="white")
@@ -98,6 +100,7 @@ def length_distribution(tracked, filtered, out_png, title: str, min_length: floa
     ax.set_title(title)
     ax.set_xlabel("streamline length (mm)")
     ax.set_ylabel("number of streamlines")
+    ax.set_ylim(bottom=0)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: never over the bars
     fig.tight_layout()
     with atomic_output(out_png) as tmp:
