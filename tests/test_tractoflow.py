@@ -88,8 +88,9 @@ def test_workflow_plans_prepare_then_the_cohort_and_reports_missing_files_at_dag
     (tmp_path / "my.yaml").write_text(yaml.safe_dump(config))
     jobs = planned_jobs(snakemake(tmp_path, "-n", "--configfile", "my.yaml").stdout)
     # no ground truth in TractoFlow results: nothing is scored
-    assert jobs == sorted(["all", "create_hdf5", "prepare_tractoflow", "summarize_cohort"] + [
-        f"{rule} subject=sub-02, model=mine" for rule in ("track", "filter_by_length", "visualize_loss")])
+    assert jobs == sorted(["all", "create_hdf5", "prepare_tractoflow", "summarize_cohort", "report_settings"] + [
+        f"{rule} subject=sub-02, model=mine"
+        for rule in ("track", "filter_by_length", "visualize_loss", "tractogram_figures")])
 
     (tractoflow_results / "sub-02/FODF_Metrics/sub-02__fodf.nii.gz").unlink()
     result = snakemake(tmp_path, "-n", "--configfile", "my.yaml", check=False)

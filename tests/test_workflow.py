@@ -40,6 +40,17 @@ positional = args[:next((i for i, a in enumerate(args) if a.startswith("-")), le
 def option(flag, default=None):
     return args[args.index(flag) + 1] if flag in args else default
 
+def write_tractogram(path, n):
+    """n straight streamlines of 2 to 41 mm, a real .trk/.tck (the report's figures read them)."""
+    import nibabel as nib
+    import numpy as np
+    lines = [np.outer(np.arange(2 + k % 40), [1.0, 0.0, 0.0]) for k in range(n)]
+    nib.streamlines.save(nib.streamlines.Tractogram(lines, affine_to_rasmm=np.eye(4)), str(path))
+
+def count_streamlines(path):
+    import nibabel as nib
+    return len(nib.streamlines.load(str(path)).streamlines)
+
 if name == "trackflow_make_demo":
     out, n = Path(positional[0]), int(option("--subjects"))
     subjects = [f"sub-{{i:02d}}" for i in range(1, n + 1)]
@@ -69,14 +80,14 @@ elif name.endswith("_track_from_model"):
         Path(fail_marker).touch()
         sys.exit("stand-in tracker: failing on purpose, once")
     n_streamlines = int(option("--nt", 0)) or 10 * int(option("--npv", 1))
-    Path(positional[3]).write_text("streamline\n" * n_streamlines)
+    write_tractogram(positional[3], n_streamlines)
 elif name == "trackflow_filter_by_length":
     from trackflow.visualization.summary import COUNT_COLUMNS, KEYS
     if positional[0].endswith(".tck") and not Path(option("--reference", "")).is_file():
         sys.exit("stand-in filter: a .tck needs an existing --reference")
-    n_before = len(Path(positional[0]).read_text().splitlines())
+    n_before = count_streamlines(positional[0])
     n_after = n_before // 2
-    Path(positional[1]).write_text("streamline\n" * n_after)
+    write_tractogram(positional[1], n_after)
     row = dict.fromkeys(COUNT_COLUMNS, 10.0)
     row.update(subject=option("--subject"), model=option("--model"), n_before=n_before, n_after=n_after)
     Path(option("--out_counts")).write_text(
@@ -85,6 +96,9 @@ elif name.endswith("_visualize_loss"):
     prefix = Path(option("--out_dir")) / option("--out_prefix")
     Path(f"{{prefix}}_histogram.png").write_bytes(b"png")
     Path(f"{{prefix}}_colored_loss.trk").write_text("colored")
+elif name == "dwiml_visualize_logs":
+    for figure in ("loss", "grad_norm", "time"):
+        Path(f"{{option('--save_figures')}}{{figure}}.png").write_bytes(b"png")
 elif name == "trackflow_score":
     Path(positional[2]).write_text(json.dumps({{
         "VB": 1, "IB": 0, "VS_ratio": 0.5, "IS_ratio": 0.1, "OL": 0.4, "OR": 0.2, "F1": 0.5, "n_bundles": 2,
@@ -94,7 +108,7 @@ else:
 '''
 STANDIN_CLIS = ["trackflow_make_demo", "trackflow_prepare_tractoflow", "dwiml_create_hdf5_dataset", "l2t_train_model", "tt_train_model",
                 "l2t_track_from_model", "tt_track_from_model", "trackflow_filter_by_length",
-                "l2t_visualize_loss", "tt_visualize_loss", "trackflow_score"]
+                "l2t_visualize_loss", "tt_visualize_loss", "trackflow_score", "dwiml_visualize_logs"]
 
 
 def write_standins(bin_dir):
@@ -203,6 +217,7 @@ def test_demo_dry_run_builds_every_step_for_every_subject_and_model(tmp_path):
     assert job_counts(result.stdout) == {
         "make_demo": 1, "create_hdf5": 1, "train_model": len(DEMO_CONFIG["models"]), "track": n_pairs,
         "filter_by_length": n_pairs, "visualize_loss": n_pairs, "score": n_pairs, "summarize_cohort": 1,
+        "plot_training_logs": len(DEMO_CONFIG["models"]), "tractogram_figures": n_pairs, "report_settings": 1,
         "all": 1}
 
 
@@ -232,8 +247,10 @@ def test_a_config_of_its_own_plans_only_its_own_model_never_the_demo(tmp_path):
     pairs = [f"subject={s}, model=mine" for s in ("s1", "s2", "s3")]
     # no ground truth in this cohort: nothing to score (scoring.enabled: auto)
     assert planned_jobs(result.stdout) == sorted(
-        ["all", "create_hdf5", "summarize_cohort", "train_model model=mine"]
-        + [f"{rule} {pair}" for rule in ("track", "filter_by_length", "visualize_loss") for pair in pairs])
+        ["all", "create_hdf5", "summarize_cohort", "train_model model=mine", "plot_training_logs model=mine",
+         "report_settings"]
+        + [f"{rule} {pair}" for rule in ("track", "filter_by_length", "visualize_loss", "tractogram_figures")
+           for pair in pairs])
 
 
 def test_the_cohort_template_asks_for_a_cohort_and_runs_once_filled(tmp_path):
@@ -499,7 +516,7 @@ def test_demo_runs_to_completion_and_config_edits_rerun_exactly_what_they_affect
     assert sorted(c["cli"] for c in read_calls(env)) == sorted(
         ["trackflow_make_demo", "dwiml_create_hdf5_dataset", "l2t_train_model", "tt_train_model",
          "l2t_track_from_model", "tt_track_from_model", "l2t_visualize_loss", "tt_visualize_loss"]
-        + 2 * ["trackflow_filter_by_length", "trackflow_score"])
+        + 2 * ["trackflow_filter_by_length", "trackflow_score", "dwiml_visualize_logs"])
     rows = summary_rows(workdir)
     assert [(r["subject"], r["model"]) for r in rows] == [("sub-04", "l2t_demo"), ("sub-04", "tt_demo")]
     # counts flow from the tracker's output (nt seeds) through the filter into the table
@@ -515,7 +532,8 @@ def test_demo_runs_to_completion_and_config_edits_rerun_exactly_what_they_affect
 
     # a tracking option: tracking and what follows, for every subject and model; never hdf5 or training
     planned, ran = edit_and_rerun(workdir, env, lambda c: c["tracking"].update(nt=500))
-    assert planned == {"track": 2, "filter_by_length": 2, "score": 2, "summarize_cohort": 1, "all": 1}
+    assert planned == {"track": 2, "filter_by_length": 2, "score": 2, "summarize_cohort": 1,
+                       "tractogram_figures": 2, "report_settings": 1, "all": 1}
     assert ran == sorted(["l2t_track_from_model", "tt_track_from_model"]
                          + 2 * ["trackflow_filter_by_length", "trackflow_score"])
     assert [(int(r["n_before"]), int(r["n_after"])) for r in summary_rows(workdir)] \
@@ -523,16 +541,18 @@ def test_demo_runs_to_completion_and_config_edits_rerun_exactly_what_they_affect
 
     # the filter bounds: filtering and what follows
     planned, ran = edit_and_rerun(workdir, env, lambda c: c["filtering"].update(min_length=35))
-    assert planned == {"filter_by_length": 2, "score": 2, "summarize_cohort": 1, "all": 1}
+    assert planned == {"filter_by_length": 2, "score": 2, "summarize_cohort": 1, "tractogram_figures": 2,
+                       "report_settings": 1, "all": 1}
     assert ran == sorted(2 * ["trackflow_filter_by_length", "trackflow_score"])
 
     # one model's training options: that model only
     planned, ran = edit_and_rerun(
         workdir, env, lambda c: c["models"]["l2t_demo"]["training_options"].update(max_epochs=9))
     assert planned == {"train_model": 1, "track": 1, "visualize_loss": 1, "filter_by_length": 1, "score": 1,
-                       "summarize_cohort": 1, "all": 1}
+                       "summarize_cohort": 1, "plot_training_logs": 1, "tractogram_figures": 1,
+                       "report_settings": 1, "all": 1}
     assert ran == sorted(["l2t_train_model", "l2t_track_from_model", "l2t_visualize_loss",
-                          "trackflow_filter_by_length", "trackflow_score"])
+                          "trackflow_filter_by_length", "trackflow_score", "dwiml_visualize_logs"])
 
 
 def summary_rows(workdir):

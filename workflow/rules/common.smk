@@ -355,7 +355,7 @@ def final_outputs():
         visualized = [m for m in MODELS if streamline_group_in_hdf5(MODELS[m]["streamline_group"])]
         for pattern in loss_visualization_patterns().values():
             targets += expand(pattern, subject=SUBJECTS, model=visualized)
-    return targets + scored_outputs() + ["results/summary/cohort_summary.tsv"]
+    return targets + scored_outputs() + ["results/summary/cohort_summary.tsv"] + report_outputs()
 
 
 def has_ground_truth(subject):
@@ -386,9 +386,40 @@ def scored_outputs():
     return expand(output_name("scores", ".json"), subject=SCORED_SUBJECTS, model=MODELS)
 
 
+def logged_models():
+    """Models with training logs for the loss curves: those trained here, and given experiments with a logs/ folder."""
+    return [m for m in MODELS if MODELS[m]["experiment"] is None or Path(MODELS[m]["experiment"], "logs").is_dir()]
+
+
+# Figures of dwiml_visualize_logs (trackflow.visualization.logs.FIGURES), in the report's order.
+TRAINING_FIGURES = ("loss", "grad_norm", "time")
+
+
+def report_outputs():
+    """The report's own figures: training curves per model, tractogram pictures per subject and model, settings."""
+    return (expand("results/report/training/{model}__{figure}.png", model=logged_models(), figure=TRAINING_FIGURES)
+            + expand(output_name("report", "_{figure}.png"), subject=SUBJECTS, model=MODELS,
+                     figure=["snapshot", "lengths"])
+            + ["results/report/settings.html"])
+
+
+def settings_sections():
+    """The settings page's tables: each model's, then the tracking, filtering, hdf5, scoring and loss settings."""
+    sections = {}
+    for name, model in MODELS.items():
+        sections[f"Model {name}"] = {key: value for key, value in model.items() if key != "training_options"}
+        if model["experiment"] is None:
+            sections[f"Model {name}: training options"] = dict(model["training_options"])
+    titles = {"tracking": "Tracking", "filtering": "Length filtering", "hdf5": "hdf5 creation",
+              "scoring": "Scoring", "loss_visualization": "Loss visualization"}
+    sections.update({title: dict(config[key]) for key, title in titles.items()})
+    sections["Subjects"] = {"tracked": SUBJECTS, "scored": SCORED_SUBJECTS}
+    return sections
+
+
 def summary_outputs():
     """The cohort table and plots, for the report; the score plots only when there are scores."""
-    plots = ["streamline_counts"] + (["overall_scores", "bundle_scores"] if SCORED_SUBJECTS else [])
+    plots = ["streamline_counts"] + (["tractometer", "overall_scores", "bundle_scores"] if SCORED_SUBJECTS else [])
     outputs = {
         "table": report(
             "results/summary/cohort_summary.tsv", caption="../report/summary_table.rst", category="Cohort summary"

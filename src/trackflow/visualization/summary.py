@@ -34,7 +34,7 @@ LOGGER = logging.getLogger(__name__)
 SCORE_COLUMNS = ["VB", "IB", "VS", "IS", "NC", "VS_ratio", "IS_ratio", "NC_ratio", "OL", "OR", "F1"]
 BUNDLE_METRICS = ["OL", "OR", "F1"]
 # Names of the figures `write_cohort_summary` can draw (the keys of its plot_paths).
-PLOTS = ("streamline_counts", "lengths", "bundle_scores", "overall_scores")
+PLOTS = ("streamline_counts", "lengths", "bundle_scores", "overall_scores", "tractometer")
 
 
 # ---------------------------------------------------------------------------------------------- cohort table
@@ -115,19 +115,22 @@ def _read_benchmarks(files) -> pd.DataFrame:
     return pd.DataFrame(records, columns=KEYS + ["step", "s", "max_rss_mb"])
 
 
-def tractogram_lengths_mm(path) -> np.ndarray:
-    """Streamline lengths (mm) of a .trk, .tck or .trx file (no reference needed: points are read in RASMM)."""
+def tractogram_streamlines_mm(path):
+    """Streamlines (points in mm, RASMM) of a .trk, .tck or .trx file; no reference needed."""
     path = Path(path)
     if path.suffix.lower() == ".trx":
         sft = load_tractogram_file(path)
         sft.to_rasmm()
-        streamlines = sft.streamlines
-    else:
-        try:
-            streamlines = nib.streamlines.load(str(path)).streamlines  # nibabel returns RASMM points
-        except Exception as e:  # nibabel raises many types for unreadable files
-            raise TrackflowError(f"cannot read tractogram {path}: {e}") from None
-    return euclidean_lengths(streamlines)
+        return sft.streamlines
+    try:
+        return nib.streamlines.load(str(path)).streamlines  # nibabel returns RASMM points
+    except Exception as e:  # nibabel raises many types for unreadable files
+        raise TrackflowError(f"cannot read tractogram {path}: {e}") from None
+
+
+def tractogram_lengths_mm(path) -> np.ndarray:
+    """Streamline lengths (mm) of a .trk, .tck or .trx file."""
+    return euclidean_lengths(tractogram_streamlines_mm(path))
 
 
 def summarize_cohort(counts_files, score_files=(), benchmark_files=(), tractogram_files=()) -> CohortSummary:
@@ -185,22 +188,26 @@ def _no_data(ax, what: str) -> None:
     ax.set_axis_off()
 
 
+def _legend_outside(ax, **kwargs) -> None:
+    """The legend right of the axes, so that it never covers data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), **kwargs)
+
+
 def _plot_counts(summary: CohortSummary):
     table = summary.table
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(table)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.7 * len(table) + 3.5), 4.5))
     labels = table["subject"] + "\n" + table["model"]
     ax.bar(labels, table["n_before"], color="lightgray", label="tracked (before length filtering)")
     ax.bar(labels, table["n_after"], color="tab:blue", label="kept (after length filtering)")
     ax.set_title("Streamlines per subject and model")
     ax.set_xlabel("subject / model")
     ax.set_ylabel("number of streamlines")
-    ax.margins(y=0.3)  # room for the legend above the bars
-    ax.legend(loc="upper right")
+    _legend_outside(ax)
     return fig
 
 
 def _plot_lengths(summary: CohortSummary):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     if not summary.lengths:
         _no_data(ax, "tractogram given")
         return fig
@@ -211,7 +218,7 @@ def _plot_lengths(summary: CohortSummary):
     ax.set_title("Streamline lengths per model (all subjects, after filtering)")
     ax.set_xlabel("streamline length (mm)")
     ax.set_ylabel("number of streamlines")
-    ax.legend()
+    _legend_outside(ax)
     return fig
 
 
@@ -222,44 +229,81 @@ def _grouped_bars(ax, means: pd.DataFrame, errors: pd.DataFrame | None) -> None:
     x = np.arange(len(means.index))
     for k, series in enumerate(means.columns):
         ax.bar(x + (k - (n_series - 1) / 2) * width, means[series], width, label=str(series),
-               yerr=None if errors is None else errors[series].fillna(0.0), capsize=3)
+               yerr=None if errors is None else errors[series], capsize=3)
     ax.set_xticks(x, [str(i) for i in means.index])
+
+
+def _mean_and_spread(grouped, n_subjects: int):
+    """(means, std or None, what the bars show): no error bars, and no "± std" in the title, for one subject."""
+    if n_subjects > 1:
+        return grouped.mean(), grouped.std(), f"mean ± std over {n_subjects} subjects"
+    return grouped.mean(), None, "one subject"
 
 
 def _plot_bundle_scores(summary: CohortSummary):
     scores = summary.bundle_scores
-    fig, axes = plt.subplots(len(BUNDLE_METRICS), 1, figsize=(max(7.0, 0.9 * scores["bundle"].nunique()), 9),
+    fig, axes = plt.subplots(len(BUNDLE_METRICS), 1, figsize=(max(8.5, 0.9 * scores["bundle"].nunique() + 2), 9),
                              squeeze=False)
     for ax, metric in zip(axes[:, 0], BUNDLE_METRICS):
         if scores.empty:
             _no_data(ax, "scores")
             continue
-        grouped = scores.groupby(["bundle", "model"])[metric]
-        _grouped_bars(ax, grouped.mean().unstack("model"), grouped.std().unstack("model"))
-        ax.set_title(f"{metric} per bundle (mean ± std over subjects)")
+        means, spread, shown = _mean_and_spread(scores.groupby(["bundle", "model"])[metric],
+                                                scores["subject"].nunique())
+        _grouped_bars(ax, means.unstack("model"), None if spread is None else spread.unstack("model"))
+        ax.set_title(f"{metric} per bundle ({shown})")
         ax.set_xlabel("bundle")
         ax.set_ylabel(f"{metric} (fraction of the bundle volume)" if metric != "F1" else "F1 (Dice, 0-1)")
-        ax.legend(title="model")
+        _legend_outside(ax, title="model")
     return fig
 
 
 def _plot_overall_scores(summary: CohortSummary):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     present = [m for m in BUNDLE_METRICS if m in summary.table.columns]
-    if not present:
+    scored = summary.table.dropna(subset=present) if present else summary.table.iloc[:0]
+    if scored.empty:
         _no_data(ax, "scores")
         return fig
-    grouped = summary.table.groupby("model")[present]
-    _grouped_bars(ax, grouped.mean().T, grouped.std().T)
-    ax.set_title("Overall scores per model (mean ± std over subjects)")
+    means, spread, shown = _mean_and_spread(scored.groupby("model")[present], scored["subject"].nunique())
+    _grouped_bars(ax, means.T, None if spread is None else spread.T)
+    ax.set_title(f"Overall scores per model ({shown})")
     ax.set_xlabel("metric (OL overlap, OR overreach, F1 Dice)")
     ax.set_ylabel("score (fraction, 0-1 for OL and F1)")
-    ax.legend(title="model")
+    _legend_outside(ax, title="model")
+    return fig
+
+
+def _plot_tractometer(summary: CohortSummary):
+    """Per scored subject and model: bundle counts (VB, IB) and the fractions of streamlines VS, IS, NC."""
+    table = summary.table.dropna(subset=["VB", "IB"]) if {"VB", "IB"} <= set(summary.table.columns) else None
+    if table is None or table.empty:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        _no_data(ax, "scores")
+        return fig
+    labels = (table["subject"] + "\n" + table["model"]).tolist()
+    fig, (bundles, streamlines) = plt.subplots(1, 2, figsize=(max(11.0, 1.4 * len(table) + 6), 4.8))
+    _grouped_bars(bundles, table.set_index(pd.Index(labels))[["VB", "IB"]].astype(float), None)
+    bundles.set_title("Bundles: valid (VB) and invalid (IB)")
+    bundles.set_xlabel("subject / model")
+    bundles.set_ylabel("number of bundles")
+    _legend_outside(bundles)
+    bottom = np.zeros(len(table))
+    for column, name, colour in (("VS_ratio", "valid (VS)", "tab:green"), ("IS_ratio", "invalid (IS)", "tab:red"),
+                                 ("NC_ratio", "no connection (NC)", "tab:gray")):
+        values = table[column].to_numpy(float) if column in table.columns else np.zeros(len(table))
+        streamlines.bar(labels, values, bottom=bottom, color=colour, label=name)
+        bottom += np.nan_to_num(values)
+    streamlines.set_title("Streamlines: valid, invalid, no connection")
+    streamlines.set_xlabel("subject / model")
+    streamlines.set_ylabel("fraction of the filtered streamlines")
+    streamlines.set_ylim(0, 1)
+    _legend_outside(streamlines)
     return fig
 
 
 _PLOTTERS = {"streamline_counts": _plot_counts, "lengths": _plot_lengths, "bundle_scores": _plot_bundle_scores,
-             "overall_scores": _plot_overall_scores}
+             "overall_scores": _plot_overall_scores, "tractometer": _plot_tractometer}
 
 
 def write_cohort_summary(summary: CohortSummary, table_path, plot_paths: dict, overwrite: bool = True) -> None:
@@ -284,6 +328,48 @@ def write_cohort_summary(summary: CohortSummary, table_path, plot_paths: dict, o
         fig = _PLOTTERS[name](summary)
         fig.tight_layout()
         with atomic_output(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")  # keeps the outside legends
         plt.close(fig)
         LOGGER.info("wrote %s", path)
+
+
+# ---------------------------------------------------------------------------------------------- settings page
+# Distributions whose versions the settings page lists.
+REPORTED_PACKAGES = ("trackflow", "torch", "scilpy", "dipy", "nibabel", "numpy")
+
+
+def package_versions(packages=REPORTED_PACKAGES) -> dict:
+    """Installed version of each distribution ("not installed" when absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def write_settings_page(path, sections: dict, versions: dict, overwrite: bool = True) -> None:
+    """Write a self-contained HTML page: one table per section ({title: {setting: value}}), then the versions.
+
+    Values that are lists or dicts are shown as JSON; None as "null" (the config's spelling)."""
+    from html import escape
+
+    def cell(value):
+        return escape(value if isinstance(value, str) else json.dumps(value))
+
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>trackflow settings</title><style>"
+             "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;margin-bottom:1.5em}"
+             "td,th{border:1px solid #bbb;padding:2px 8px;text-align:left;font-size:90%}"
+             "th{background:#eee}</style></head><body>"]
+    for title, settings in [*sections.items(), ("Software versions", versions)]:
+        parts.append(f"<h3>{escape(title)}</h3><table><tr><th>setting</th><th>value</th></tr>")
+        parts += [f"<tr><td>{escape(str(k))}</td><td>{cell(v)}</td></tr>" for k, v in settings.items()]
+        parts.append("</table>")
+    parts.append("</body></html>\n")
+    check_outputs([path], overwrite)
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text("".join(parts))
+    LOGGER.info("wrote %s", path)
