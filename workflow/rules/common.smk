@@ -397,10 +397,11 @@ TRAINING_FIGURES = ("loss", "grad_norm", "time")
 
 def report_outputs():
     """The report's own figures: training curves per model, tractogram pictures per subject and model, settings."""
-    return (expand("results/report/training/{model}__{figure}.png", model=logged_models(), figure=TRAINING_FIGURES)
-            + expand(output_name("report", "_{figure}.png"), subject=SUBJECTS, model=MODELS,
-                     figure=["snapshot", "lengths"])
-            + ["results/report/settings.html"])
+    return (
+        expand("results/report/training/{model}__{figure}.png", model=logged_models(), figure=TRAINING_FIGURES)
+        + expand(output_name("report", "_{figure}.png"), subject=SUBJECTS, model=MODELS, figure=["snapshot", "lengths"])
+        + ["results/report/settings.html"]
+    )
 
 
 def settings_sections():
@@ -410,8 +411,13 @@ def settings_sections():
         sections[f"Model {name}"] = {key: value for key, value in model.items() if key != "training_options"}
         if model["experiment"] is None:
             sections[f"Model {name}: training options"] = dict(model["training_options"])
-    titles = {"tracking": "Tracking", "filtering": "Length filtering", "hdf5": "hdf5 creation",
-              "scoring": "Scoring", "loss_visualization": "Loss visualization"}
+    titles = {
+        "tracking": "Tracking",
+        "filtering": "Length filtering",
+        "hdf5": "hdf5 creation",
+        "scoring": "Scoring",
+        "loss_visualization": "Loss visualization",
+    }
     sections.update({title: dict(config[key]) for key, title in titles.items()})
     sections["Subjects"] = {"tracked": SUBJECTS, "scored": SCORED_SUBJECTS}
     return sections
