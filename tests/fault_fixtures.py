@@ -130,8 +130,8 @@ def hdf5_edited(good: Path, dst: Path, edit) -> Path:
 
 
 def hdf5_corrupt_object_header(good: Path, dst: Path, name: str) -> Path:
-    """A copy of the hdf5 whose object header of ``name`` (a group) is overwritten with 0xFF bytes: the file
-    opens, reading that object fails."""
+    """A copy of the hdf5 whose object header of ``name`` is overwritten with 0xFF bytes (what a bad sector or
+    a partial copy leaves): the file opens, reading that object fails."""
     shutil.copyfile(good, dst)
     with h5py.File(good, "r") as f:
         address = h5py.h5o.get_info(f[name].id).addr

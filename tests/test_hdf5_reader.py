@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
+from fault_fixtures import hdf5_corrupt_object_header
 from hdf5_fixtures import (AFFINE, DOC_CONFIG_TEXT, SHAPE, cli_args, write_cohort,
                            write_subject)
 from trackflow.cli.create_hdf5_dataset import main as create_main
@@ -218,22 +219,10 @@ def test_unknown_keys_are_errors():
                                    "standardization": "all", "std_maks": "m.nii.gz"}})
 
 
-def _damage_object_header(source, target, name):
-    """Copy ``source`` to ``target`` with the object header of ``name`` overwritten (what a bad sector or a
-    partial copy leaves)."""
-    shutil.copyfile(source, target)
-    with h5py.File(target, "r") as f:
-        address = h5py.h5o.get_info(f[name].id).addr
-    with open(target, "r+b") as f:
-        f.seek(address)
-        f.write(b"\xde\xad" * 8)
-    return target
-
-
 @pytest.mark.parametrize("damaged", ["sub-01", "sub-01/input", "sub-01/input/data", "sub-01/streamlines"])
 def test_damaged_object_header_is_one_line_error_for_every_reader(tiny_hdf5, tmp_path, capsys, damaged):
     from trackflow.cli.train import l2t_main
-    path = _damage_object_header(tiny_hdf5, tmp_path / "damaged.hdf5", damaged)
+    path = hdf5_corrupt_object_header(tiny_hdf5, tmp_path / "damaged.hdf5", damaged)
     for main, args in ((print_main, [str(path)]),
                        (l2t_main, [str(tmp_path), "exp", str(path), "input", "streamlines", "--max_epochs", "1"])):
         with pytest.raises(SystemExit) as exit_info:

@@ -383,12 +383,7 @@ def training_option(**options):
     (lambda c: c["tracking"].update(npv=None, nt=None), "config tracking: give npv or nt (both are null)"),
 ])
 def test_late_failures_are_caught_by_a_dry_run(tmp_path, edit, message):
-    config = copy.deepcopy(DEMO_CONFIG)
-    edit(config)
-    write_config(tmp_path, config)
-    result = snakemake(tmp_path, "-n", check=False)
-    assert result.returncode != 0
-    assert message in result.stderr + result.stdout
+    test_bad_config_fails_with_a_clear_message(tmp_path, edit, message)
 
 
 def test_tracking_subjects_must_be_in_the_tracked_subject_list(tmp_path):
