@@ -182,6 +182,23 @@ def report_entries(html):
              result["mime_type"], result["data_uri"]) for path, result in results.items()]
 
 
+def rendered_menu(report, screenshot):
+    """The report's result categories as headless Chromium renders them (the menu its JavaScript builds, after
+    the "Results" heading); also checks that a screenshot of the page is not blank."""
+    if CHROMIUM is None:
+        pytest.fail("chromium is not installed (apt-get install -y chromium): the report cannot be rendered")
+    page = report.as_uri()
+    headless = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000"]
+    dom = subprocess.run([*headless, "--dump-dom", page], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    subprocess.run([*headless, f"--screenshot={screenshot}", "--window-size=1400,2000", page],
+                   check=True, capture_output=True, timeout=120)
+    image = plt.imread(screenshot)
+    assert image.shape[:2] == (2000, 1400)
+    assert image[..., :3].std() > 0.05  # the page rendered, not a blank screen
+    return re.findall(r"<span>([^<]+)</span>", dom.split(">Results</li>", 1)[1])
+
+
 @pytest.mark.slow
 def test_report_of_a_real_run_shows_every_entry_in_headless_chromium(tmp_path, tiny_cohort):
     cohort = tmp_path / "cohort"
@@ -200,18 +217,5 @@ def test_report_of_a_real_run_shows_every_entry_in_headless_chromium(tmp_path, t
         assert mime in ("image/png", "text/tab-separated-values", "text/html"), (caption, mime)
         assert len(base64.b64decode(data.split("base64,", 1)[1])) > 100, caption  # real content embedded
 
-    if CHROMIUM is None:
-        pytest.fail("chromium is not installed (apt-get install -y chromium): the report cannot be rendered")
-    page = (workdir / "results/report.html").as_uri()
-    headless = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000"]
-    dom = subprocess.run([*headless, "--dump-dom", page], check=True, capture_output=True, text=True,
-                         timeout=120).stdout
-    # the menu the report's JavaScript rendered: one item per category after the "Results" heading
-    menu = re.findall(r"<span>([^<]+)</span>", dom.split(">Results</li>", 1)[1])
+    menu = rendered_menu(workdir / "results/report.html", tmp_path / "report.png")
     assert {c for c, _ in EXPECTED_ENTRIES} <= set(menu), menu
-    screenshot = tmp_path / "report.png"
-    subprocess.run([*headless, f"--screenshot={screenshot}", "--window-size=1400,2000", page],
-                   check=True, capture_output=True, timeout=120)
-    image = plt.imread(screenshot)
-    assert image.shape[:2] == (2000, 1400)
-    assert image[..., :3].std() > 0.05  # the page rendered, not a blank screen
