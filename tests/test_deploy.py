@@ -86,9 +86,10 @@ def test_snakedeploy_layout_plans_the_cohort_in_its_own_folder(clone, tiny_cohor
 
     output = run_snakemake(deployed, "-n", "-p", "--profile", "profiles/local")
     jobs = planned_jobs(output)
-    assert jobs == ["all", "create_hdf5", "filter_by_length subject=sub-02, model=l2t", "score subject=sub-02, model=l2t",
-                    "summarize_cohort", "track subject=sub-02, model=l2t", "train_model model=l2t",
-                    "visualize_loss subject=sub-02, model=l2t"], output
+    assert jobs == ["all", "create_hdf5", "filter_by_length subject=sub-02, model=l2t", "plot_training_logs model=l2t",
+                    "report_settings", "score subject=sub-02, model=l2t", "summarize_cohort",
+                    "track subject=sub-02, model=l2t", "tractogram_figures subject=sub-02, model=l2t",
+                    "train_model model=l2t", "visualize_loss subject=sub-02, model=l2t"], output
     # every output lands in the deployment's working directory, nothing in the workflow's source
     outputs = re.findall(r"^\s+output: (.*)$", output, flags=re.MULTILINE)
     assert outputs and all(not path.startswith("/") for line in outputs for path in line.split(", ")), outputs
