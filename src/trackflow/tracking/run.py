@@ -299,11 +299,16 @@ def track_from_experiment(model_family: str, experiment_path, subj_id: str, inpu
         rng_seed = secrets.randbits(62)
         LOGGER.info("no --rng_seed given: using %d", rng_seed)
     tracker = build_tracker(model, inputs, options, step_mm, rng_seed, device)
+    processes = process_count(options, device)
+    # In a log (no progress bar there) this line says that tracking has started.
+    LOGGER.info("tracking seeds %d..%d of %s with %s (%s, %d in flight, %d process%s)", start, end - 1, subj_id,
+                type(model).__name__, options.algo, options.simultaneous_tracking, processes,
+                "" if processes == 1 else "es")
 
     started = time.perf_counter()
     # disable=None: a bar on a terminal only, no carriage-return noise in rule and SLURM logs
     with tqdm(total=end - start, unit="seed", file=sys.stderr, mininterval=1.0, disable=None) as progress:
-        result = track_in_processes(tracker, start, end, process_count(options, device), progress)
+        result = track_in_processes(tracker, start, end, processes, progress)
     seconds = time.perf_counter() - started
 
     kept = write_tractogram(result, out_tractogram, inputs, options)
