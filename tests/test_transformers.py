@@ -11,6 +11,8 @@ from torch import nn
 
 from trackflow.errors import TrackflowError
 from trackflow.models import transformers
+from trackflow.models import attention
+from trackflow.models.attention import plan_key_groups
 from trackflow.models.persistence import load_model_dir
 from trackflow.models.transformers import (OriginalTransformerModel, TransformerSrcAndTgtModel,
                                            TransformerSrcOnlyModel)
@@ -405,10 +407,19 @@ def test_tracking_refuses_more_points_than_allocated():
         model.tracking_step(state, torch.tensor([0]), line, torch.tensor([4]))
 
 
+def attended_widths(state):
+    """Cache positions each slot attended over at the last tracking step (the in-place group first)."""
+    widths = {}
+    for slots, longest, in_place in state.plan:
+        width = min(longest + state.steps_since_plan - 1, state.max_points)
+        widths.update(dict.fromkeys(range(state.n_slots) if in_place else slots.tolist(), width))
+    return widths
+
+
 @pytest.mark.parametrize("name", ["TTO", "TTST-sphere"])
 def test_few_rows_among_many_slots_equal_the_whole_sequence_forward(name):
     # Few rows of many slots: their keys are gathered instead of attended in place (the tracker's tail).
-    # The attended width follows the longest cached prefix and comes back down once it is replaced.
+    # The attended width follows the row's length and comes back down once its prefix is replaced.
     model = build(name, max_len=256)
     generator = torch.Generator().manual_seed(7)
     volume = random_volume(generator)
@@ -425,19 +436,61 @@ def test_few_rows_among_many_slots_equal_the_whole_sequence_forward(name):
             if step < 20:
                 lines, slots, outputs = lines + [short_line], slots + [7], outputs + [expected_short]
             lengths = torch.tensor([step + 1] * len(slots) + [1, 1])
-            widths.append(state.keys_to_attend())
             raw = model.tracking_step(state, torch.tensor(slots + [0, 0]),  # scratch slot 0, twice
                                       padded(lines + [long_line] * 2, lengths), lengths)
+            widths.append(attended_widths(state)[33])
             reference = torch.stack([out[step] for out in outputs])
             worst = max(worst, float((raw[:len(slots)] - reference).abs().max()))
         # slot 33 starts a new streamline: the bound must not stay at the old line's 60 points
         model.reset_tracking_rows(state, torch.tensor([33]), padded([replacement], [1]), torch.tensor([1]))
         for step in range(29):
             lengths = torch.tensor([step + 1])
-            widths.append(state.keys_to_attend())
             raw = model.tracking_step(state, torch.tensor([33]), padded([replacement], lengths), lengths)
+            widths.append(attended_widths(state)[33])
             worst = max(worst, float((raw[0] - expected_replacement[step]).abs().max()))
     assert worst <= 1e-5
-    assert max(widths[:60]) <= 60 + transformers.EXACT_BOUND_EVERY  # never far above the longest row
-    assert widths[-1] <= 29 + transformers.EXACT_BOUND_EVERY  # the 60-point prefix is forgotten
-    assert widths[-1] < 60
+    assert all(step + 1 <= width <= step + transformers.REPLAN_EVERY for step, width in enumerate(widths[:60]))
+    assert widths[-1] <= 29 + transformers.REPLAN_EVERY  # the 60-point prefix is forgotten
+
+
+def test_key_groups_cover_every_row_once_and_follow_the_rows_lengths():
+    lengths = np.array([300] + [10] * 500 + [40] * 30 + [3])
+    plan = plan_key_groups(lengths, n_slots=600)
+    members = np.concatenate([index for index, _, _ in plan])
+    assert sorted(members.tolist()) == list(range(len(lengths)))
+    width = {int(b): longest for index, longest, _ in plan for b in index}
+    assert all(width[b] >= lengths[b] for b in width)
+    assert max(width[b] for b in range(1, 501)) <= 16  # the short rows do not attend over 300 positions
+    assert width[0] == 300
+    assert [in_place for *_, in_place in plan] == [True, False, False]  # many short rows: no copy
+    # few rows among many slots (the tracker's tail): every group gathers its keys
+    assert not any(in_place for *_, in_place in plan_key_groups(np.array([5, 200]), n_slots=600))
+
+
+@pytest.mark.parametrize("name", ["TTO", "TTS"])
+def test_rows_of_very_different_lengths_in_one_step_equal_the_whole_sequence_forward(name, monkeypatch):
+    # Prefixes of 1 to 150 points in 30 slots: in-place and gathered key groups in the same step (with
+    # groups made free: at this size one in-place group is the cheapest plan).
+    monkeypatch.setattr(attention, "GROUP_COST", 0)
+    model = build(name, max_len=256)
+    generator = torch.Generator().manual_seed(11)
+    volume = random_volume(generator)
+    prefix = [1, 2, 3, 5, 8, 9, 12, 14, 20, 25, 31, 40, 60, 90, 150] * 2
+    n_steps = 12
+    lines = random_walks(generator, [p + n_steps for p in prefix])
+    expected = whole_sequence_outputs(model, volume, lines)
+    slots = torch.arange(len(lines))
+    state = model.new_tracking_state(volume, n_slots=len(lines), max_points=200)
+    worst, widths = 0.0, []
+    with torch.no_grad():
+        lengths = torch.tensor(prefix)
+        model.reset_tracking_rows(state, slots, padded(lines, lengths), lengths)
+        for _ in range(n_steps):
+            raw = model.tracking_step(state, slots, padded(lines, lengths), lengths)
+            reference = torch.stack([out[length - 1] for out, length in zip(expected, lengths.tolist())])
+            worst = max(worst, float((raw - reference).abs().max()))
+            widths.append(attended_widths(state))
+            lengths = lengths + 1
+    assert worst <= 1e-5
+    assert len({in_place for *_, in_place in state.plan}) == 2
+    assert widths[0][0] < 40 and widths[0][14] >= 150  # a 1-point row does not attend over the longest width

@@ -12,9 +12,6 @@ Everything runs on the device of its inputs.
 
 import torch
 
-# The 8 corner shifts {0, 1}^3, x slowest.
-_CORNER_SHIFTS = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
-
 
 def interpolate_trilinear(volume: torch.Tensor, points: torch.Tensor,
                           offsets: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,6 +34,8 @@ def interpolate_trilinear(volume: torch.Tensor, points: torch.Tensor,
     Notes
     -----
     One gather of N * M * 8 rows of F values: memory is about 8x the output; callers with huge N chunk.
+    The corners are built axis by axis from Python-scalar bounds (no constant tensor to copy to the device,
+    which would make the host wait for the GPU at every call).
     """
     size_x, size_y, size_z, nb_features = volume.shape
     n_points = points.shape[0]
@@ -46,19 +45,20 @@ def interpolate_trilinear(volume: torch.Tensor, points: torch.Tensor,
         points = (points[:, None, :] + offsets.to(points)[None, :, :]).reshape(-1, 3)  # [N*M, 3]
     floor = torch.floor(points)
     frac = points - floor  # [P, 3], P = N*M
-    corners = floor.long()[:, None, :] + _CORNER_SHIFTS.to(points.device)[None]  # [P, 8, 3]
-    upper = torch.tensor([size_x - 1, size_y - 1, size_z - 1], device=points.device)
-    corners = torch.minimum(corners.clamp_min(0), upper)
-    flat_index = (corners[..., 0] * size_y + corners[..., 1]) * size_z + corners[..., 2]  # [P, 8]
-
-    # Weight of a corner = prod over axes of (frac if its shift is 1 else 1 - frac).
-    shifts = _CORNER_SHIFTS.to(points)[None]  # [1, 8, 3]
-    frac = frac[:, None, :]
-    weights = (shifts * frac + (1 - shifts) * (1 - frac)).prod(dim=-1)  # [P, 8]
-
-    values = volume.reshape(-1, nb_features)[flat_index.reshape(-1)]  # [P*8, F]
-    values = values.reshape(-1, 8, nb_features)
-    interpolated = torch.einsum("pc,pcf->pf", weights, values)  # [P, F]
+    floor = floor.long()
+    # Per axis, the (lower, upper) corner's flat-index term [P, 2] and weight [P, 2] (1 - frac, frac).
+    index_terms, weights = [], []
+    for axis, (size, stride) in enumerate(((size_x, size_y * size_z), (size_y, size_z), (size_z, 1))):
+        lower = floor[:, axis]
+        index_terms.append(torch.stack([lower.clamp(0, size - 1), (lower + 1).clamp(0, size - 1)], 1) * stride)
+        weights.append(torch.stack([1 - frac[:, axis], frac[:, axis]], 1))
+    # The 8 corners, x slowest: flat index [P, 8] and weight [P, 8] = product over the axes.
+    flat_index = (index_terms[0][:, :, None, None] + index_terms[1][:, None, :, None]
+                  + index_terms[2][:, None, None, :]).reshape(-1)
+    corner_weights = (weights[0][:, :, None, None] * weights[1][:, None, :, None]
+                      * weights[2][:, None, None, :]).reshape(-1, 1, 8)
+    values = volume.reshape(-1, nb_features).index_select(0, flat_index).view(-1, 8, nb_features)
+    interpolated = torch.bmm(corner_weights, values)  # [P, 1, F]
     return interpolated.reshape(n_points, n_neighbours * nb_features)
 
 
@@ -96,8 +96,9 @@ def outside_volume(points: torch.Tensor, shape) -> torch.Tensor:
         [N] bool. Non-finite points count as outside.
     """
     floor = torch.floor(points)
-    dims = torch.tensor(tuple(shape)[:3], device=points.device, dtype=points.dtype)
-    inside = ((floor >= 0) & (floor < dims)).all(dim=-1)
+    inside = (floor >= 0).all(dim=-1)
+    for axis, size in enumerate(tuple(shape)[:3]):  # Python bounds: no constant tensor copied to the device
+        inside &= floor[:, axis] < size
     return ~inside
 
 
@@ -119,7 +120,6 @@ def nearest_values(volume3d: torch.Tensor, points: torch.Tensor) -> torch.Tensor
     outside = outside_volume(points, volume3d.shape)
     # Non-finite floors are outside anyway; zero them so the long cast is defined, then clamp to stay valid.
     floor = torch.floor(torch.nan_to_num(points, nan=0.0, posinf=0.0, neginf=0.0)).long()
-    upper = torch.tensor(volume3d.shape, device=points.device) - 1
-    index = torch.minimum(floor.clamp_min(0), upper)
-    values = volume3d[index[:, 0], index[:, 1], index[:, 2]]
+    index = [floor[:, axis].clamp(0, size - 1) for axis, size in enumerate(volume3d.shape)]
+    values = volume3d[index[0], index[1], index[2]]
     return torch.where(outside, torch.zeros_like(values), values)

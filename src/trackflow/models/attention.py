@@ -6,7 +6,8 @@ Modelled on torch's stock transformer layers plus the incremental decoding of au
 Parameter names follow torch's ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (packed
 ``in_proj_weight``), so the weights are interchangeable with the stock layers. Attention over whole
 sequences runs through ``torch.nn.functional.scaled_dot_product_attention``; decoding one token runs as two
-batched products on views of the caches (:meth:`MultiheadAttention._attend_one_token`).
+batched products per group of rows of about the same length (:func:`plan_key_groups`), each over its own
+width of the caches, so that a step costs what the rows' real lengths cost.
 
 The same layer code serves the whole-sequence forward (training) and incremental decoding (tracking):
 with a :class:`KVCache` and a :class:`CacheWrite`, a layer stores the keys/values of the tokens it gets
@@ -15,8 +16,9 @@ H heads, D model width, S cache slots, P cache capacity (points).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +48,81 @@ def attention_mask(query_positions: torch.Tensor, n_keys: int, lengths: torch.Te
     return (causal & not_padding)[:, None]
 
 
+# Planning cost units: attending one row over one cache position in place (on views of every slot's cache).
+# Gathering a row's keys first and attending over the copy costs about three times as much (measured on
+# CPU), and every extra group of rows costs a few small kernel calls per module, about as much as this
+# many in-place positions.
+GATHER_COST = 3
+GROUP_COST = 4096
+MIN_GROUP_KEYS = 8  # lengths are bucketed by powers of two from here
+
+
+def plan_key_groups(lengths: np.ndarray, n_slots: int) -> list[tuple[np.ndarray, int, bool]]:
+    """Split the rows of a decoding call so that each attends over about its own length, not the longest's.
+
+    Rows are bucketed by powers of two of their length; neighbouring buckets are merged when a separate
+    group would cost more than the extra positions; then the shortest groups become one in-place group
+    (attention for every slot on views of the caches, no copy) when that is cheaper than gathering them.
+
+    Parameters
+    ----------
+    lengths : int array [B], cache positions each row attends over now.
+    n_slots : int, slots of the caches (the width of an in-place group).
+
+    Returns
+    -------
+    list of (row indices [n] into the call, longest length among them, in place), shortest first.
+    """
+    buckets = np.maximum(MIN_GROUP_KEYS, 2 ** np.ceil(np.log2(np.maximum(lengths, 1)))).astype(np.int64)
+    groups = []  # [row indices, longest]
+    for bucket in np.unique(buckets):
+        rows = np.flatnonzero(buckets == bucket)
+        longest = int(lengths[rows].max())
+        if groups and GATHER_COST * len(groups[-1][0]) * (longest - groups[-1][1]) < GROUP_COST:
+            groups[-1] = [np.concatenate([groups[-1][0], rows]), longest]
+        else:
+            groups.append([rows, longest])
+    gathered = [GATHER_COST * len(rows) * longest + GROUP_COST for rows, longest in groups]
+    # in place up to group k: one pass over every slot at group k's width, the longer groups gathered
+    costs = [sum(gathered)] + [n_slots * groups[k][1] + GROUP_COST + sum(gathered[k + 1:])
+                               for k in range(len(groups))]
+    n_in_place = int(np.argmin(costs))
+    plan = [(rows, longest, False) for rows, longest in groups[n_in_place:]]
+    if n_in_place:
+        rows = np.concatenate([rows for rows, _ in groups[:n_in_place]])
+        plan.insert(0, (rows, groups[n_in_place - 1][1], True))
+    return plan
+
+
+@dataclass
+class KeyGroup:
+    """Cache slots that attend over the same number of cache positions in a decoding call.
+
+    slots : LongTensor [n], the group's slots (in place: unused, the group is every slot).
+    n_keys : int, positions attended (at least every member's length).
+    in_place : bool. True: attention runs for every slot on views of the caches (no copy); False: the
+        members' keys are gathered first.
+    key_lengths : LongTensor, real positions of each slot attention runs for: [S] in place, else [n].
+    _score_bias : filled by :meth:`score_bias` at the first module and reused by the others.
+    """
+
+    slots: torch.Tensor
+    n_keys: int
+    in_place: bool
+    key_lengths: torch.Tensor
+    _score_bias: torch.Tensor | None = None
+
+    def score_bias(self, nheads: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive bias [slots * H, 1, n_keys]: 0 at the slots' real positions, -inf elsewhere."""
+        if self._score_bias is None:
+            key_positions = torch.arange(self.n_keys, device=self.key_lengths.device)
+            padding = key_positions >= self.key_lengths[:, None]  # [slots, n_keys]
+            bias = torch.zeros(padding.shape, dtype=dtype, device=padding.device).masked_fill_(padding,
+                                                                                             float("-inf"))
+            self._score_bias = bias[:, None].expand(-1, nheads, -1).reshape(-1, 1, self.n_keys)
+        return self._score_bias
+
+
 @dataclass
 class CacheWrite:
     """Where the tokens of one call go in the caches, and which keys they attend over.
@@ -54,21 +131,14 @@ class CacheWrite:
         does not matter: duplicates write to it in no defined order).
     positions : LongTensor [B] or None. None: the call holds a whole prefix (tokens 0..T-1, prefill);
         otherwise the call holds one token per row, written at that row's position (decoding).
-    n_keys : int, number of cache positions to attend over (at least the largest position + 1).
-    all_slots : bool, decoding only. True: attention runs for every slot on views of the caches (no copy)
-        and the layers' mask is [S, 1, 1, n_keys]; False: the rows' keys are gathered and the mask is
-        [B, 1, 1, n_keys]. Gathering copies B * n_keys positions per module, which costs more than
-        attending for the idle slots as soon as the rows are a fair part of the slots.
-    _flat_index, _score_bias : decoding only, filled by :meth:`flat_index` and :meth:`score_bias` at the
-        first module of the call and reused by the others (leave them unset).
+    groups : decoding only, :class:`KeyGroup` s covering every row's slot, an in-place group first.
+    _flat_index : decoding only, filled by :meth:`flat_index` at the first module and reused by the others.
     """
 
     rows: torch.Tensor
-    positions: torch.Tensor | None
-    n_keys: int
-    all_slots: bool = False
+    positions: torch.Tensor | None = None
+    groups: list = field(default_factory=list)
     _flat_index: torch.Tensor | None = None
-    _score_bias: torch.Tensor | None = None
 
     def flat_index(self, cache_shape: torch.Size) -> torch.Tensor:
         """Decoding: LongTensor [2 * B * H], row-major over (key/value, row, head), of each new token's place
@@ -82,14 +152,6 @@ class CacheWrite:
             self._flat_index = ((slots[..., None] * nheads + heads) * max_points
                                 + self.positions[:, None]).reshape(-1)
         return self._flat_index
-
-    def score_bias(self, mask: torch.Tensor, nheads: int, dtype: torch.dtype) -> torch.Tensor:
-        """Decoding: the call's boolean mask [B, 1, 1, n_keys] (the same for every module; S rows with
-        ``all_slots``) as an additive bias [B * H, 1, n_keys], 0 where attended and -inf elsewhere."""
-        if self._score_bias is None:
-            bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-            self._score_bias = bias.expand(-1, nheads, -1, -1).reshape(-1, 1, mask.shape[-1])
-        return self._score_bias
 
 
 class KVCache:
@@ -105,28 +167,19 @@ class KVCache:
         self.keys_values = torch.zeros((2, n_slots, nheads, max_points, head_size), device=device, dtype=dtype)
         self.keys, self.values = self.keys_values  # views [S, H, P, D/H]
 
-    def update(self, write: CacheWrite, keys: torch.Tensor, values: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store keys/values [B, H, T, D/H] and return those to attend over.
+    def store_prefixes(self, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Prefill: keys/values [B, H, T, D/H] of tokens 0..T-1 of the rows."""
+        n_tokens = keys.shape[2]
+        # index_copy_ on a view writes through to the cache; advanced-index assignment is far slower.
+        self.keys[:, :, :n_tokens].index_copy_(0, rows, keys)
+        self.values[:, :, :n_tokens].index_copy_(0, rows, values)
 
-        Prefill: the given keys/values themselves. Decoding: [B, H, n_keys, D/H] gathered for the rows, or
-        with ``all_slots`` views [S, H, n_keys, D/H] of the caches.
-        """
-        if write.positions is None:
-            n_tokens = keys.shape[2]
-            # index_copy_ on a view writes through to the cache; advanced-index assignment is far slower.
-            self.keys[:, :, :n_tokens].index_copy_(0, write.rows, keys)
-            self.values[:, :, :n_tokens].index_copy_(0, write.rows, values)
-            return keys, values
+    def store_tokens(self, write: CacheWrite, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Decoding: keys/values [B, H, 1, D/H], one token per row at its position."""
         # One index_copy_ on the flat [2 * S * H * P, D/H] view: far cheaper than advanced-index assignment.
         head_size = keys.shape[-1]
         self.keys_values.view(-1, head_size).index_copy_(0, write.flat_index(self.keys_values.shape),
                                                          torch.stack([keys, values]).view(-1, head_size))
-        keys, values = self.keys[:, :, :write.n_keys], self.values[:, :, :write.n_keys]
-        if write.all_slots:
-            return keys, values
-        # index_select, not keys[rows]: advanced indexing followed by a slice takes a slow strided path.
-        return keys.index_select(0, write.rows), values.index_select(0, write.rows)
 
 
 class MultiheadAttention(nn.Module):
@@ -156,63 +209,84 @@ class MultiheadAttention(nn.Module):
         batch, n_tokens, width = x.shape
         return x.view(batch, n_tokens, self.nheads, width // self.nheads).transpose(1, 2)  # [B, H, T, D/H]
 
-    def _attend(self, queries, keys, values, mask, write: CacheWrite | None = None) -> torch.Tensor:
-        """Heads [B, H, T, D/H] -> [B, T, D]; with ``write.all_slots`` keys/values/mask cover every slot.
+    def _merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """Heads [B, H, T, D/H] -> output projection [B, T, D]."""
+        batch, _, n_tokens, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, n_tokens, -1))
 
-        ``mask`` is boolean (True = attend); decoding turns it into an additive bias once per call.
+    def _attend(self, queries, keys, values, mask, cache: KVCache | None, write: CacheWrite | None
+                ) -> torch.Tensor:
+        """Heads [B, H, T, D/H] -> [B, T, D]; with a cache, the keys/values are stored first.
+
+        Whole sequences and prefills run through scaled_dot_product_attention with the boolean ``mask``
+        (True = attend); decoding attends over the cache, group by group (``write.groups``).
         """
         dropout = self.dropout if self.training else 0.0
-        if write is not None and write.all_slots:
-            # Each row's query goes to its slot; idle slots attend with a zero query and are dropped.
-            slot_queries = queries.new_zeros(keys.shape[0], *queries.shape[1:])  # [S, H, 1, D/H]
-            slot_queries.index_copy_(0, write.rows, queries)
-            out = self._attend_one_token(slot_queries, keys, values, mask, write, dropout)
-            out = out.index_select(0, write.rows)
-        elif write is not None and write.positions is not None:
-            out = self._attend_one_token(queries, keys, values, mask, write, dropout)
-        else:
-            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout)
-        batch, _, n_tokens, _ = out.shape
-        out = out.transpose(1, 2).reshape(batch, n_tokens, -1)  # [B, T, D]
-        return self.out_proj(out)
+        if write is not None and write.positions is not None:
+            cache.store_tokens(write, keys, values)
+            return self._merge_heads(self._attend_cached(queries, cache, write, dropout))
+        if cache is not None:
+            cache.store_prefixes(write.rows, keys, values)
+        return self._merge_heads(F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
+                                                                dropout_p=dropout))
 
-    def _attend_one_token(self, queries, keys, values, mask, write: CacheWrite, dropout: float) -> torch.Tensor:
-        """Decoding: queries [B, H, 1, D/H] over keys/values [B, H, n_keys, D/H] -> [B, H, 1, D/H].
+    def _attend_cached(self, queries, cache: KVCache, write: CacheWrite, dropout: float) -> torch.Tensor:
+        """Decoding: queries [B, H, 1, D/H] over each row's cached positions -> [B, H, 1, D/H].
+
+        Attention runs per slot (each row's query goes to its slot; idle slots attend with a zero query and
+        are dropped), group by group, each over its own width of the caches: the cost follows the rows'
+        lengths, not the longest's. A slot in no group gets NaN (or, after an in-place group, garbage).
+        """
+        n_slots = cache.keys.shape[0]
+        slot_queries = queries.new_zeros(n_slots, *queries.shape[1:])  # [S, H, 1, D/H]
+        slot_queries.index_copy_(0, write.rows, queries)
+        slot_out = None
+        for group in write.groups:
+            keys, values = cache.keys[:, :, :group.n_keys], cache.values[:, :, :group.n_keys]
+            bias = group.score_bias(self.nheads, queries.dtype)
+            if group.in_place:
+                slot_out = self._attend_one_token(slot_queries, keys, values, bias, dropout)
+                continue
+            if slot_out is None:
+                slot_out = torch.full_like(slot_queries, float("nan"))
+            # index_select, not keys[slots]: advanced indexing of a slice takes a slow strided path.
+            slot_out.index_copy_(0, group.slots, self._attend_one_token(
+                slot_queries.index_select(0, group.slots), keys.index_select(0, group.slots),
+                values.index_select(0, group.slots), bias, dropout))
+        return slot_out.index_select(0, write.rows)
+
+    def _attend_one_token(self, queries, keys, values, score_bias, dropout: float) -> torch.Tensor:
+        """Queries [R, H, 1, D/H] over keys/values [R, H, n_keys, D/H] -> [R, H, 1, D/H].
 
         Two batched products on strided views of the caches: reading the keys and values is the whole cost
         of a step, and scaled_dot_product_attention's CPU kernel reads them more slowly (measured).
         """
         batch, nheads, _, head_size = queries.shape
         n_keys = keys.shape[2]
-        # Merging B and H is a view for the caches' slices: no copy of the keys or values.
-        scores = torch.baddbmm(write.score_bias(mask, nheads, queries.dtype),
-                               queries.reshape(batch * nheads, 1, head_size),
+        # Merging R and H is a view for the caches' slices: no copy of the keys or values.
+        scores = torch.baddbmm(score_bias, queries.reshape(batch * nheads, 1, head_size),
                                keys.transpose(-1, -2).reshape(batch * nheads, head_size, n_keys),
-                               alpha=head_size ** -0.5)  # [B * H, 1, n_keys]
+                               alpha=head_size ** -0.5)  # [R * H, 1, n_keys]
         weights = torch.softmax(scores, dim=-1)
         if dropout:
             weights = F.dropout(weights, dropout)
         return torch.bmm(weights, values.reshape(batch * nheads, n_keys, head_size)).view(queries.shape)
 
-    def self_attention(self, x: torch.Tensor, mask: torch.Tensor,
+    def self_attention(self, x: torch.Tensor, mask: torch.Tensor | None,
                        cache: KVCache | None = None, write: CacheWrite | None = None) -> torch.Tensor:
-        """x [B, T, D], mask [B, 1, T, keys] -> [B, T, D]; one fused projection for q, k and v."""
+        """x [B, T, D], mask [B, 1, T, keys] (None when decoding) -> [B, T, D]; one fused q/k/v projection."""
         queries, keys, values = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         queries, keys, values = map(self._split_heads, (queries, keys, values))
-        if cache is not None:
-            keys, values = cache.update(write, keys, values)
-        return self._attend(queries, keys, values, mask, write)
+        return self._attend(queries, keys, values, mask, cache, write)
 
-    def cross_attention(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
+    def cross_attention(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None,
                         cache: KVCache | None = None, write: CacheWrite | None = None) -> torch.Tensor:
         """Queries from x [B, T, D], keys/values from memory [B, T, D] -> [B, T, D]."""
         width = x.shape[-1]
         queries = F.linear(x, self.in_proj_weight[:width], self.in_proj_bias[:width])
         keys, values = F.linear(memory, self.in_proj_weight[width:], self.in_proj_bias[width:]).chunk(2, -1)
         queries, keys, values = map(self._split_heads, (queries, keys, values))
-        if cache is not None:
-            keys, values = cache.update(write, keys, values)
-        return self._attend(queries, keys, values, mask, write)
+        return self._attend(queries, keys, values, mask, cache, write)
 
 
 class _TransformerLayer(nn.Module):

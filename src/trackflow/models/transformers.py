@@ -26,7 +26,8 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from trackflow.errors import TrackflowError
-from trackflow.models.attention import ACTIVATIONS, CacheWrite, Encoder, EncoderDecoder, attention_mask
+from trackflow.models.attention import (ACTIVATIONS, CacheWrite, Encoder, EncoderDecoder, KeyGroup, attention_mask,
+                                        plan_key_groups)
 from trackflow.models.base import MainModel, ModelConfig
 from trackflow.models.embeddings import make_embedding
 
@@ -90,9 +91,9 @@ class SinusoidalPositionEncoding(nn.Module):
         return tokens + self.pos_emb[0, positions]
 
 
-# Steps between two exact readings of the longest cached prefix (one host sync each); in between, the
-# bound grows by one per step, which is where it would be if every slot kept growing.
-EXACT_BOUND_EVERY = 8
+# Most steps between two plans of the key groups (one host sync each); in between, every group's width
+# grows by one per step, which is where it would be if every row kept growing.
+REPLAN_EVERY = 8
 
 
 @dataclass
@@ -101,29 +102,39 @@ class TransformerTrackingState:
 
     caches: the model's per-layer key/value caches, each [S, H, max_points, D/H].
     consumed: LongTensor [S], points consumed per slot (cache positions 0 .. consumed-1 are real).
-    longest: host-side upper bound of ``consumed.max()``; a step attends over ``longest + 1`` positions,
-        so no step has to read the rows' lengths on the host (a GPU stall). By the slot invariant each
-        step adds at most one point per slot; the bound is re-read exactly every ``EXACT_BOUND_EVERY`` steps
-        (it then shrinks back when long streamlines have been replaced by new seeds).
+    plan: key groups of slots (``plan_key_groups`` on the slots of a call: slots, longest length, in place),
+        planned at a step from the rows' lengths, then kept for up to ``REPLAN_EVERY`` steps, each of which
+        widens every group by one position (by the slot invariant a step adds at most one point per slot).
+        Planning reads the lengths on the host (a GPU sync), so it waits for new rows (a reset, or another
+        number of rows) or for the widths to drift too far from the lengths. Between plans the calls' rows
+        must be among the slots of the call that planned (the tracker's rows are fixed between its checks).
     """
 
     volume: torch.Tensor  # [X, Y, Z, F]
     max_points: int
     caches: list
     consumed: torch.Tensor
-    longest: int = 0
-    steps_since_exact: int = 0
+    plan: list | None = None
+    planned_rows: int = 0
+    steps_since_plan: int = 0
 
     @property
     def n_slots(self) -> int:
         return self.consumed.shape[0]
 
-    def keys_to_attend(self) -> int:
-        """Cache positions the next step attends over: >= every row's length, <= max_points."""
-        if self.steps_since_exact >= EXACT_BOUND_EVERY:
-            self.longest = int(self.consumed.max())
-            self.steps_since_exact = 0
-        return min(self.longest + 1, self.max_points)
+    def key_groups(self, rows: torch.Tensor) -> list[KeyGroup]:
+        """This step's key groups for rows [B] (``consumed`` already holds their lengths)."""
+        if self.plan is None or self.steps_since_plan >= REPLAN_EVERY or len(rows) != self.planned_rows:
+            slots = rows.unique()
+            self.plan = [(slots[torch.as_tensor(index, device=rows.device)], longest, in_place)
+                         for index, longest, in_place in plan_key_groups(self.consumed[slots].cpu().numpy(),
+                                                                         self.n_slots)]
+            self.planned_rows, self.steps_since_plan = len(rows), 0
+        widening = self.steps_since_plan
+        self.steps_since_plan += 1
+        return [KeyGroup(slots, min(longest + widening, self.max_points), in_place,
+                         self.consumed if in_place else self.consumed[slots])
+                for slots, longest, in_place in self.plan]
 
 
 class _TractoTransformer(MainModel):
@@ -311,12 +322,11 @@ class _TractoTransformer(MainModel):
         T >= ``tracking_window`` (``MainModel.tracking_step``); lengths [B]: points of each whole streamline,
         at most the state's max_points. Only the new token goes through the network; it attends over the
         cached positions < lengths. Rows must be distinct, except a scratch slot whose state does not
-        matter. No host sync (but one every ``EXACT_BOUND_EVERY`` steps).
+        matter. No host sync but when the key groups are planned (``TransformerTrackingState``).
         """
         if points.shape[1] > state.max_points:  # a whole padded history longer than the caches
             raise TrackflowError(f"streamlines padded to {points.shape[1]} points exceed the tracking "
                                  f"state's max_points ({state.max_points}).")
-        n_keys = state.keys_to_attend()
         state.consumed[rows] = lengths
         last = lengths - 1
         in_window = lengths.clamp(max=points.shape[1])  # the real points of ``points``
@@ -327,19 +337,8 @@ class _TractoTransformer(MainModel):
         if self.uses_target_tokens:
             arriving = last_points - points[batch, (in_window - 2).clamp(min=0)]
             targets = self._encode_directions(arriving, last == 0)[:, None]  # [B, 1, Tin]
-        positions = last[:, None]  # [B, 1]
-        # Measured on CPU: gathering a row's keys costs about three times attending over them in place.
-        all_slots = 4 * len(rows) >= state.n_slots
-        if all_slots:
-            # Per slot: its real positions, this step's token included (causal for a single query).
-            key_positions = torch.arange(n_keys, device=rows.device)
-            mask = (key_positions < state.consumed[:, None])[:, None, None]  # [S, 1, 1, n_keys]
-        else:
-            mask = attention_mask(positions, n_keys, lengths)  # [B, 1, 1, n_keys]
-        hidden = self._hidden_states(sources, targets, positions, mask, state.caches,
-                                     CacheWrite(rows, last, n_keys, all_slots))
-        state.longest = min(state.longest + 1, state.max_points)
-        state.steps_since_exact += 1
+        write = CacheWrite(rows, last, state.key_groups(rows))
+        hidden = self._hidden_states(sources, targets, last[:, None], None, state.caches, write)
         return self.direction_getter(hidden[:, 0])
 
     def reset_tracking_rows(self, state: TransformerTrackingState, rows: torch.Tensor, points: torch.Tensor,
@@ -347,15 +346,24 @@ class _TractoTransformer(MainModel):
         """Ragged prefill: fill the rows' caches with points[b, :lengths[b]-1] (nothing for lengths == 1).
 
         Positions beyond a row's prefix keep stale values; they are masked by length until overwritten.
+        Rows are prefilled by power-of-two buckets of their prefix length, each padded to its own longest.
         """
         prefix_lengths = lengths - 1
         state.consumed[rows] = prefix_lengths
+        state.plan = None  # new lengths: the next step plans its key groups again
         has_prefix = prefix_lengths > 0
         rows, points, prefix_lengths = rows[has_prefix], points[has_prefix], prefix_lengths[has_prefix]
         if len(rows) == 0:
             return
+        buckets = torch.log2(prefix_lengths.to(torch.float64)).ceil()
+        for bucket in buckets.unique().tolist():
+            members = (buckets == bucket).nonzero().squeeze(1)
+            self._prefill(state, rows[members], points[members], prefix_lengths[members])
+
+    def _prefill(self, state: TransformerTrackingState, rows: torch.Tensor, points: torch.Tensor,
+                 prefix_lengths: torch.Tensor) -> None:
+        """Caches of rows [B] from their first prefix_lengths [B] (>= 1) points [B, >= T, 3]."""
         n_points = int(prefix_lengths.max())
-        state.longest = max(state.longest, n_points)
         points = points[:, :n_points]
         positions = torch.arange(n_points, device=rows.device)[None]  # [1, T]
         is_real = positions < prefix_lengths[:, None]  # [B, T]
@@ -364,7 +372,7 @@ class _TractoTransformer(MainModel):
         sources[is_real] = self.compute_inputs(state.volume, points[is_real])
         targets = self._sequence_target_tokens(points, prefix_lengths) if self.uses_target_tokens else None
         self._hidden_states(sources, targets, positions, attention_mask(positions, n_points, prefix_lengths),
-                            state.caches, CacheWrite(rows, None, n_points))
+                            state.caches, CacheWrite(rows))
 
 
 class TransformerSrcOnlyModel(_TractoTransformer):
