@@ -51,6 +51,7 @@ import json  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import traceback  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -63,7 +64,7 @@ from trackflow.data.streamlines import gather_ragged, offsets_from_lengths  # no
 from trackflow.files import atomic_output  # noqa: E402
 from trackflow.models.transformers import TransformerSrcOnlyModel  # noqa: E402
 from trackflow.tracking.filtering import filter_streamlines  # noqa: E402
-from trackflow.tracking.parallel import track_in_processes  # noqa: E402
+from trackflow.tracking.parallel import available_cpus, track_in_processes  # noqa: E402
 from trackflow.tracking.run import (SubjectInputs, TrackingOptions, build_tracker, max_points_for,  # noqa: E402
                                     process_count, read_subject_inputs)
 from trackflow.tracking.tracker import SlotState, StopReason  # noqa: E402
@@ -302,8 +303,6 @@ def run_model(name: str, model, description: str, inputs: SubjectInputs, args, d
                                  "cpu_processes": reference["processes"], "cpu_slots": reference["slots"],
                                  "speedup": record["seeds_per_s"] / cpu_rate}
     model.to("cpu")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return record
 
 
@@ -313,7 +312,7 @@ def print_table(records: list, device) -> None:
     memory = "peak GPU memory" if device.type == "cuda" else "peak RSS"
     print(f"\n{'model':<6} {'architecture':<34} {'seeds':>9} {'slots':>7} {'wall s':>8} {'seeds/s':>9} "
           f"{'points/s':>11} {'mean pts':>8} {'kept':>9} {memory + ' GiB':>20} {'GiB/1e5 slots':>13}  valid")
-    for r in records:
+    for r in (r for r in records if "seeds_per_s" in r):
         print(f"{r['model']:<6} {r['architecture']:<34} {r['seeds']:>9} {r['slots']:>7} {r['wall_s']:>8.2f} "
               f"{r['seeds_per_s']:>9.0f} {r['points_per_s']:>11.0f} {r['mean_points']:>8.1f} {r['kept']:>9} "
               f"{r['peak_memory_bytes'] / 2**30:>20.2f} {r['peak_memory_per_1e5_slots_bytes'] / 2**30:>13.2f}  "
@@ -373,6 +372,18 @@ def parse_args(argv=None):
     return args
 
 
+def write_report(args, device, inputs: SubjectInputs, records: list, finished: bool) -> None:
+    """The JSON report, rewritten after each model so that a run cut short keeps the models done."""
+    report = {**device_description(device), "cpus": available_cpus(), "torch": torch.__version__,
+              "random_weights": True,
+              "step_mm": STEP_MM, "max_steps": args.max_steps, "min_length_mm": args.min_length,
+              "stopping": "wm_mask" if args.wm_mask else "volume", "subject_shape": inputs.volume.data.shape,
+              "voxel_mm": inputs.voxel_mm, "budget_s": args.budget_s, "total_s": time.perf_counter() - STARTED,
+              "finished": finished, "valid": all(r["valid"] for r in records), "models": records}
+    with atomic_output(args.json) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -390,20 +401,21 @@ def main(argv=None) -> int:
     records = []
     for k, (name, (model, description)) in enumerate(models.items()):
         share_s = (args.budget_s - (time.perf_counter() - STARTED)) / (len(models) - k)
-        records.append(run_model(name, model, description, inputs, args, device, share_s, references[name]))
-        print(f"{name}: {records[-1]['seeds']} seeds in {records[-1]['wall_s']:.2f} s", flush=True)
+        try:
+            records.append(run_model(name, model, description, inputs, args, device, share_s, references[name]))
+            print(f"{name}: {records[-1]['seeds']} seeds in {records[-1]['wall_s']:.2f} s", flush=True)
+        except Exception as error:  # unattended: one model failing (e.g. out of memory) must not lose the others
+            traceback.print_exc()
+            records.append({"model": name, "architecture": description, "valid": False,
+                            "problems": [f"{type(error).__name__}: {error}"]})
+            model.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if args.json is not None:
+            write_report(args, device, inputs, records, finished=k == len(models) - 1)
     print_table(records, device)
     valid = all(r["valid"] for r in records)
-    total_s = time.perf_counter() - STARTED
-    print(f"total {total_s:.1f} s; {'all tractograms valid' if valid else 'INVALID tractograms'}")
-    if args.json is not None:
-        report = {**device_description(device), "torch": torch.__version__, "random_weights": True,
-                  "step_mm": STEP_MM, "max_steps": args.max_steps, "min_length_mm": args.min_length,
-                  "stopping": "wm_mask" if args.wm_mask else "volume", "subject_shape": inputs.volume.data.shape,
-                  "voxel_mm": inputs.voxel_mm, "budget_s": args.budget_s, "total_s": total_s, "valid": valid,
-                  "models": records}
-        with atomic_output(args.json) as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"total {time.perf_counter() - STARTED:.1f} s; {'all tractograms valid' if valid else 'INVALID tractograms'}")
     return 0 if valid else 1
 
 

@@ -36,7 +36,7 @@ def test_gpu_benchmark_runs_at_a_tiny_size_on_the_cpu(tiny_hdf5, tmp_path):
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
-    assert report["valid"] and report["random_weights"] and report["device"] == "cpu"
+    assert report["valid"] and report["finished"] and report["random_weights"] and report["device"] == "cpu"
     assert [r["model"] for r in report["models"]] == ["l2t", "tts"]
     for record in report["models"]:
         assert record["valid"] and record["problems"] == [], record
