@@ -33,11 +33,17 @@ class LengthSelection:
     n_too_long: int
 
 
+# Lengths measured on float32 points differ from their number of steps x the step by up to ~1e-4 mm over
+# a few hundred steps: a streamline the tracker stopped at exactly max_length must not be dropped by it.
+ROUNDING_MM = 1e-3
+
+
 def select_by_length(lengths_mm: np.ndarray, min_length_mm: float, max_length_mm: float) -> LengthSelection:
-    """Keep the streamlines whose length (mm, [B]) lies in ``[min_length_mm, max_length_mm]`` (inclusive)."""
+    """Keep the streamlines whose length (mm, [B]) lies in ``[min_length_mm, max_length_mm]`` (inclusive,
+    each bound widened by ``ROUNDING_MM``)."""
     lengths_mm = np.asarray(lengths_mm, dtype=np.float64)
-    too_short = lengths_mm < min_length_mm
-    too_long = lengths_mm > max_length_mm
+    too_short = lengths_mm < min_length_mm - ROUNDING_MM
+    too_long = lengths_mm > max_length_mm + ROUNDING_MM
     return LengthSelection(np.flatnonzero(~too_short & ~too_long), int(too_short.sum()), int(too_long.sum()))
 
 
@@ -59,7 +65,8 @@ class FilteredTractogram:
 
 def filter_streamlines(result: TrackingResult, voxel_size_mm: float, min_length_mm: float,
                        max_length_mm: float, compress_mm: float | None = None) -> FilteredTractogram:
-    """Compress (optional), then keep streamlines with ``min_length <= length <= max_length`` (mm).
+    """Compress (optional), then keep streamlines with ``min_length <= length <= max_length`` (mm, up to
+    the rounding of float32 points, ``ROUNDING_MM``).
 
     Parameters
     ----------
