@@ -239,9 +239,11 @@ class _TractoTransformer(MainModel):
         largest dot product (a zero vector gives class 0) / SOS = last class.
         """
         if self.sos_vertices is None:
-            tokens = torch.cat([directions, torch.zeros_like(directions[..., :1])], dim=-1)
-            sos = torch.tensor([0.0, 0.0, 0.0, 1.0], device=directions.device, dtype=directions.dtype)
-            return torch.where(is_sos[..., None], sos, tokens)
+            # [dx, dy, dz, 0], or [0, 0, 0, 1] at SOS: built in place (a constant tensor copied to the GPU
+            # at every step would make the host wait for it)
+            tokens = torch.cat([directions, is_sos[..., None].to(directions.dtype)], dim=-1)
+            tokens[..., :3].masked_fill_(is_sos[..., None], 0.0)
+            return tokens
         classes = (directions @ self.sos_vertices.T).argmax(dim=-1)
         classes = torch.where(is_sos, self.sos_vertices.shape[0], classes)
         return nn.functional.one_hot(classes, self.sos_vertices.shape[0] + 1).to(directions.dtype)
