@@ -22,8 +22,8 @@ Case ids are ``<command>-<fault>``. Counts by command (in-process table + subpro
 trackflow_make_demo                       10
 dwiml_create_hdf5_dataset                 50
 dwiml_hdf5_print_architecture              8
-l2t_train_model                           35
-tt_train_model                            36
+l2t_train_model                           38
+tt_train_model                            39
 l2t_resume_training_from_checkpoint       25
 tt_resume_training_from_checkpoint        25
 dwiml_visualize_logs                      12
@@ -36,7 +36,7 @@ trackflow_filter_by_length                23
 trackflow_merge_tractograms               35
 trackflow_prepare_tractoflow              35
 signals and races (subprocess)             6
-total                                    490
+total                                    496
 =====================================  =====
 
 (``test_counts_by_command`` keeps this table honest.)
@@ -482,7 +482,11 @@ def _train_cases(family):
                ("clip-grad-negative", ["--clip_grad", "-1"]),
                ("patience-negative", ["--patience", "-1"]),
                ("max-batches-0", ["--max_batches_per_epoch_training", "0"]),
-               ("lazy-cache-size-negative", ["--lazy", "--cache_size", "-1"])]
+               ("lazy-cache-size-negative", ["--lazy", "--cache_size", "-1"]),
+               ("tracking-phase-without-mask", ["--add_a_tracking_validation_phase"]),
+               ("tracking-phase-frequency-0", ["--add_a_tracking_validation_phase", "--tracking_mask", "wm_mask",
+                                               "--tracking_phase_frequency", "0"]),
+               ("tracking-mask-unknown-group", ["--add_a_tracking_validation_phase", "--tracking_mask", "nope"])]
     if family == "l2t":
         numeric += [("dropout-above-1", ["--dropout", "1.5"]), ("rnn-layer-size-0", ["--rnn_layer_sizes", "0"]),
                     ("prev-dirs-embedding-without-prev-dirs", ["--prev_dirs_embedding_key", "nn_embedding",

@@ -22,7 +22,7 @@ from trackflow.cli.train import l2t_main, l2t_resume_main, tt_main, tt_resume_ma
 from trackflow.data.hdf5.creation import create_hdf5_dataset
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.device import select_device
-from trackflow.experiment import LOG_FILES, ExperimentFolder
+from trackflow.experiment import LOG_FILES, TRACKING_MONITOR, ExperimentFolder
 from trackflow.models.persistence import load_experiment_model
 from trackflow.models.registry import model_class
 from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData
@@ -166,8 +166,9 @@ def test_l2t_validation_loss_falls_and_folder_layout(tiny_hdf5, tmp_path):
         assert sorted(p.name for p in (exp / model_dir).iterdir()) == ["model_state.pkl", "model_type.txt",
                                                                         "parameters.json"]
         assert (exp / model_dir / "model_type.txt").read_text() == "Learn2TrackModel"
-    assert sorted(p.name for p in (exp / "logs").iterdir()) == sorted(LOG_FILES.values())
-    assert all(len(np.load(exp / "logs" / f)) == 6 for f in LOG_FILES.values())
+    logs = [f for name, f in LOG_FILES.items() if name != TRACKING_MONITOR]  # no generation-validation phase
+    assert sorted(p.name for p in (exp / "logs").iterdir()) == sorted(logs)
+    assert all(len(np.load(exp / "logs" / f)) == 6 for f in logs)
     latest = ExperimentFolder(exp).read_latest_parameters()
     assert latest["hdf5 file"] == str(tiny_hdf5.resolve())
     assert len(list(exp.glob("parameters_??-??-????_??h??.json"))) == 1
@@ -321,7 +322,7 @@ def test_visualize_logs_writes_pngs(tiny_hdf5, tmp_path, capsys):
                          "2"])
     assert capsys.readouterr().err.count("without effect here: --graph, --nb_plots_per_fig") == 1
     rows = {row[1]: row for row in csv.reader(table.open())}
-    assert rows.keys() == {name.removesuffix(".npy") for name in LOG_FILES.values()}
+    assert rows.keys() == {f.removesuffix(".npy") for name, f in LOG_FILES.items() if name != TRACKING_MONITOR}
     train_loss = np.load(exp / "logs" / LOG_FILES["train_loss"])
     assert rows["train_loss_monitor_per_epoch"][0] == "exp"
     np.testing.assert_allclose([float(v) for v in rows["train_loss_monitor_per_epoch"][2:]], train_loss, rtol=1e-5)
@@ -477,3 +478,41 @@ def test_unreadable_checkpoint_on_resume(tiny_hdf5, tmp_path, capsys, damage):
 class _Malicious:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
+
+
+# ---------------------------------------------------------------------------------------------- generation-validation
+GV_RECIPE = ("--rnn_key", "gru", "--rnn_layer_sizes", "16", "--nb_previous_dirs", "1", "--dg_key",
+             "sphere-classification", "--add_eos", "--batch_size_training", "10", "--learning_rate", "0.01",
+             "--add_a_tracking_validation_phase", "--tracking_mask", "wm_mask")
+
+
+def test_tracking_validation_phase_chooses_the_best_epoch_by_tracked_end_distance(tiny_hdf5, tmp_path):
+    exp = _train(l2t_main, tmp_path, "gv", tiny_hdf5, *GV_RECIPE, "--max_epochs", "5",
+                 "--tracking_phase_frequency", "2")
+    distances = np.load(exp / "logs" / LOG_FILES[TRACKING_MONITOR])
+    valid = np.load(exp / "logs" / LOG_FILES["valid_loss"])
+    assert len(distances) == 5 and np.isfinite(distances).all() and (distances > 0).all()
+    assert distances[1] == distances[0] and distances[3] == distances[2]  # phases at epochs 1, 3 and 5
+    best_epoch = int(np.argmin(distances))  # the first of equal values: repeated epochs never win
+    best = json.loads((exp / "best_epoch_losses.json").read_text())
+    assert best["valid_loss"] == pytest.approx(valid[best_epoch])
+    # the best model is that epoch's: its own tracking score is the logged one
+    from trackflow.data.hdf5.reader import HDF5Cohort
+    from trackflow.models.persistence import load_model_dir
+    from trackflow.training.trainer import TrainerParams
+    from trackflow.tracking.validation import make_tracking_validator
+    model = load_model_dir(exp / "best_model", "cpu").eval()
+    with HDF5Cohort(tiny_hdf5) as cohort:
+        validator = make_tracking_validator(cohort, model, "input", "streamlines",
+                                            TrainerParams(add_a_tracking_validation_phase=True,
+                                                          tracking_mask="wm_mask"), "cpu")
+        assert validator() == pytest.approx(distances[best_epoch], rel=1e-5)
+
+
+def test_tracking_validation_phase_needs_a_mask_group(tiny_hdf5, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _train(l2t_main, tmp_path, "gv", tiny_hdf5, *GV_RECIPE[:-2], "--max_epochs", "1")
+    assert exit_info.value.code == 2 and "--tracking_mask" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _train(l2t_main, tmp_path, "gv", tiny_hdf5, *GV_RECIPE[:-1], "no_such_group", "--max_epochs", "1")
+    assert "no_such_group" in capsys.readouterr().err and not (tmp_path / "gv").exists()

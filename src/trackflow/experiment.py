@@ -36,7 +36,10 @@ LOG_FILES = {
     "grad_norm": "grad_norm_monitor_per_epoch.npy",
     "training_time": "training_time_monitor_duration.npy",
     "validation_time": "validation_time_monitor_duration.npy",
+    # generation-validation phase only: mean distance (mm) of the tracked validation streamlines' ends
+    "tracking_mean_final_distance": "tracking_mean_final_distance_monitor_per_epoch.npy",
 }
+TRACKING_MONITOR = "tracking_mean_final_distance"
 
 
 class ExperimentFolder:
@@ -122,10 +125,11 @@ class ExperimentFolder:
 
     # ------------------------------------------------------------------ logs
     def save_logs(self, monitors: dict) -> None:
-        """One 1-D ``.npy`` per monitor of ``LOG_FILES`` (one value per epoch; NaN where undefined)."""
-        for name, file_name in LOG_FILES.items():
-            values = np.array([np.nan if v is None else v for v in monitors[name]], dtype=np.float64)
-            with atomic_output(self.logs_dir / file_name) as tmp:
+        """One 1-D ``.npy`` per monitor given (names of ``LOG_FILES``; one value per epoch; NaN where
+        undefined)."""
+        for name, per_epoch in monitors.items():
+            values = np.array([np.nan if v is None else v for v in per_epoch], dtype=np.float64)
+            with atomic_output(self.logs_dir / LOG_FILES[name]) as tmp:
                 np.save(tmp, values)
 
     def read_logs(self) -> dict:

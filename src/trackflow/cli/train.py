@@ -21,6 +21,7 @@ from trackflow.models.transformers import (POSITIONAL_ENCODING_KEYS, SOS_TOKEN_T
                                            TransformerConfig, TTOConfig, TTSTConfig)
 from trackflow.training.batch_loader import LoaderParams
 from trackflow.training.batch_sampler import UNITS, SamplerParams
+from trackflow.tracking.validation import make_tracking_validator
 from trackflow.training.trainer import (OPTIMIZERS, DataParams, TrainerParams, parse_learning_rates,
                                         resume_experiment, train_new_experiment)
 
@@ -119,6 +120,17 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max_batches_per_epoch_validation", type=int, default=1000,
                        help="Validation batches per epoch, at most. [%(default)s]")
     group.add_argument("--clip_grad", type=float, help="Clip the gradient norm to this value. [no clipping]")
+    group = parser.add_argument_group("Generation-validation (the best epoch chosen by tracking)")
+    group.add_argument("--add_a_tracking_validation_phase", action="store_true",
+                       help="Each phase tracks a fixed draw of validation streamlines from their first points "
+                            "and measures how far the tracked ends fall from the true ends (mm); the best "
+                            "epoch is the closest, instead of the lowest validation loss.")
+    group.add_argument("--tracking_phase_frequency", type=int, default=1, metavar="N",
+                       help="A phase every N epochs (the epochs between repeat the last score). [%(default)s]")
+    group.add_argument("--tracking_mask", metavar="GROUP",
+                       help="Volume group of the mask that stops the phase's streamlines (required with it).")
+    group.add_argument("--tracking_phase_nb_segments_init", type=int, default=1, metavar="N",
+                       help="True segments given before the model tracks. [%(default)s]")
 
 
 def add_memory_args(parser: argparse.ArgumentParser) -> None:
@@ -338,7 +350,11 @@ def training_arguments(args, family: str) -> dict:
         trainer=TrainerParams(learning_rates=parse_learning_rates(args.learning_rate),
                               weight_decay=args.weight_decay, optimizer=args.optimizer,
                               max_epochs=args.max_epochs, patience=args.patience,
-                              patience_delta=args.patience_delta, clip_grad=args.clip_grad, rng=args.rng),
+                              patience_delta=args.patience_delta, clip_grad=args.clip_grad, rng=args.rng,
+                              add_a_tracking_validation_phase=args.add_a_tracking_validation_phase,
+                              tracking_phase_frequency=args.tracking_phase_frequency,
+                              tracking_mask=args.tracking_mask,
+                              tracking_phase_nb_segments_init=args.tracking_phase_nb_segments_init),
         data=DataParams(lazy=args.lazy, cache_size=args.cache_size),
         use_gpu=args.use_gpu, overwrite=args.overwrite)
 
@@ -347,7 +363,8 @@ def _train(args, family: str):
     """Map the options, then train a new experiment (the one library call of the train CLIs)."""
     return train_new_experiment(args.experiments_path, args.experiment_name, args.hdf5_file,
                                 args.input_group_name, args.streamline_group_name,
-                                **training_arguments(args, family))
+                                **training_arguments(args, family),
+                                tracking_validator_factory=make_tracking_validator)
 
 
 # ---------------------------------------------------------------------------------------------- entry points
@@ -363,7 +380,8 @@ def _resume_main(argv, description: str, family: str):
     setup_logging(args.verbose)
     warn_ignored_dwi_ml_args(vars(args))
     run_cli(resume_experiment, family, args.experiments_path, args.experiment_name, hdf5_file=args.hdf5_file,
-            new_patience=args.new_patience, new_max_epochs=args.new_max_epochs, use_gpu=args.use_gpu)
+            new_patience=args.new_patience, new_max_epochs=args.new_max_epochs, use_gpu=args.use_gpu,
+            tracking_validator_factory=make_tracking_validator)
 
 
 def l2t_main(argv=None):

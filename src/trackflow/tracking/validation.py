@@ -115,3 +115,23 @@ def tracking_validation_score(model, subjects: list[ValidationSubject], step_mm:
         last_points = result.points[np.cumsum(result.lengths) - 1]
         distances.append(np.linalg.norm(last_points - subject.true_ends.cpu().numpy(), axis=1) * subject.voxel_mm)
     return float(np.concatenate(distances).mean())
+
+
+# Validation streamlines tracked per subject at each phase: enough for a stable mean, a few seconds on a CPU.
+MAX_STREAMLINES = 500
+
+
+def make_tracking_validator(cohort: HDF5Cohort, model, input_group: str, streamline_group: str, params,
+                            device):
+    """The trainer's generation-validation callable, ``() -> mean end distance (mm)`` of ``model`` as it is.
+
+    ``params``: the trainer's options (``tracking_mask``, ``tracking_phase_nb_segments_init``, ``rng``); the
+    draw of validation streamlines is fixed by ``rng``.
+    """
+    step_mm = model.preprocessing["step_size"] or cohort.step_size
+    if step_mm is None:
+        raise TrackflowError("the tracking validation phase needs streamlines of a fixed step: give --step_size")
+    subjects = read_validation_subjects(cohort, cohort.subjects("validation"), input_group, streamline_group,
+                                        params.tracking_mask, float(step_mm), params.tracking_phase_nb_segments_init,
+                                        MAX_STREAMLINES, params.rng, device)
+    return lambda: tracking_validation_score(model, subjects, float(step_mm))

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.device import select_device
 from trackflow.errors import TrackflowError
-from trackflow.experiment import LOG_FILES, ExperimentFolder
+from trackflow.experiment import LOG_FILES, TRACKING_MONITOR, ExperimentFolder
 from trackflow.models.base import ModelConfig
 from trackflow.models.persistence import load_model_dir
 from trackflow.models.registry import check_model_family, model_class
@@ -54,6 +54,12 @@ class TrainerParams:
     patience_delta: float = 1e-6
     clip_grad: float | None = None
     rng: int = 1234
+    # Generation-validation (dwi_ml's GV phase): the best epoch is the one whose model tracks a fixed draw of
+    # validation streamlines, from their first tracking_phase_nb_segments_init + 1 points, closest to their ends.
+    add_a_tracking_validation_phase: bool = False
+    tracking_phase_frequency: int = 1
+    tracking_mask: str | None = None
+    tracking_phase_nb_segments_init: int = 1
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -68,6 +74,14 @@ class TrainerParams:
             raise TrackflowError(f"--clip_grad must be positive, got {self.clip_grad}")
         if not self.learning_rates or any(not lr > 0 for lr in self.learning_rates):
             raise TrackflowError(f"learning rates must be positive, got {self.learning_rates}")
+        if self.add_a_tracking_validation_phase and self.tracking_mask is None:
+            raise TrackflowError("--add_a_tracking_validation_phase needs --tracking_mask (the volume group "
+                                 "that stops the tracked streamlines)")
+        if self.tracking_phase_frequency < 1:
+            raise TrackflowError(f"--tracking_phase_frequency must be at least 1, got {self.tracking_phase_frequency}")
+        if self.tracking_phase_nb_segments_init < 1:
+            raise TrackflowError("--tracking_phase_nb_segments_init must be at least 1, got "
+                                 f"{self.tracking_phase_nb_segments_init}")
 
     def learning_rate(self, epoch: int) -> float:
         return self.learning_rates[min(epoch, len(self.learning_rates) - 1)]
@@ -123,12 +137,15 @@ class Trainer:
     params : TrainerParams
     data_params : DataParams
     device : torch.device
+    tracking_validator : callable or None
+        ``() -> float``, the generation-validation score of the model as it is (lower is better), given with
+        ``params.add_a_tracking_validation_phase``; the best epoch is then chosen on it.
     """
 
     def __init__(self, model, folder: ExperimentFolder, cohort, input_group: str, streamline_group: str,
                  model_type: str, training_sampler_params: SamplerParams,
                  validation_sampler_params: SamplerParams, loader_params: LoaderParams,
-                 params: TrainerParams, data_params: DataParams, device):
+                 params: TrainerParams, data_params: DataParams, device, tracking_validator=None):
         self.model = model
         self.folder = folder
         self.cohort = cohort
@@ -162,7 +179,9 @@ class Trainer:
                                            data_params.cache_size))
         self.optimizer = OPTIMIZERS[params.optimizer](model.parameters(), lr=params.learning_rate(0),
                                                       weight_decay=params.weight_decay)
-        self.monitors = {name: [] for name in LOG_FILES}
+        self.tracking_validator = tracking_validator
+        self.monitors = {name: [] for name in LOG_FILES
+                         if name != TRACKING_MONITOR or self.tracking_validator is not None}
         self.completed_epochs = 0
         self.best = {"epoch": None, "value": None, "train_loss": None, "valid_loss": None}
         self.epochs_without_improvement = 0
@@ -217,7 +236,8 @@ class Trainer:
             self.validation_sampler.set_state(states["validation_sampler_rng"])
         self.loader.set_state(states["loader_rng"])
         self.completed_epochs = int(states["completed_epochs"])
-        self.monitors = {name: list(states["monitors"][name]) for name in LOG_FILES}
+        self.monitors = {name: list(states["monitors"].get(name, [None] * self.completed_epochs))
+                         for name in self.monitors}
         self.best = dict(states["best"])
         self.epochs_without_improvement = int(states["epochs_without_improvement"])
         torch.set_rng_state(states["torch_rng_state"].cpu())
@@ -241,18 +261,21 @@ class Trainer:
             validation_time = time.perf_counter() - start
             if self.validation_data is not None:
                 self.validation_data.clear_cache()
+            tracking_score = self._tracking_validation(epoch)
 
             for name, value in (("train_loss", train_loss), ("valid_loss", valid_loss),
                                 ("grad_norm", grad_norm), ("unclipped_grad_norm", unclipped_grad_norm),
                                 ("training_time", training_time / 60),
-                                ("validation_time", validation_time / 60)):
-                self.monitors[name].append(value)
+                                ("validation_time", validation_time / 60), (TRACKING_MONITOR, tracking_score)):
+                if name in self.monitors:
+                    self.monitors[name].append(value)
             self.completed_epochs = epoch + 1
-            improved = self._update_best(epoch, train_loss, valid_loss)
-            LOGGER.info("epoch %d/%d: train loss %.5f, valid loss %s, lr %g, %.1f s%s", epoch + 1,
+            improved = self._update_best(epoch, train_loss, valid_loss, tracking_score)
+            LOGGER.info("epoch %d/%d: train loss %.5f, valid loss %s%s, lr %g, %.1f s%s", epoch + 1,
                         self.params.max_epochs, train_loss,
-                        "n/a" if valid_loss is None else f"{valid_loss:.5f}", lr,
-                        training_time + validation_time, " (best)" if improved else "")
+                        "n/a" if valid_loss is None else f"{valid_loss:.5f}",
+                        "" if tracking_score is None else f", tracked ends {tracking_score:.2f} mm off", lr,
+                        time.perf_counter() - start + training_time, " (best)" if improved else "")
             if improved:
                 self.folder.save_best_model(self.model, train_loss, valid_loss)
             self.folder.save_logs(self.monitors)
@@ -264,8 +287,21 @@ class Trainer:
     def patience_exhausted(self) -> bool:
         return self.params.patience is not None and self.epochs_without_improvement >= self.params.patience
 
-    def _update_best(self, epoch: int, train_loss: float, valid_loss: float | None) -> bool:
-        value = train_loss if valid_loss is None else valid_loss
+    def _tracking_validation(self, epoch: int) -> float | None:
+        """The generation-validation score of this epoch (None without the phase); between two phases
+        (``tracking_phase_frequency``) the last score is repeated, so those epochs cannot become the best."""
+        if self.tracking_validator is None:
+            return None
+        if epoch % self.params.tracking_phase_frequency and self.monitors[TRACKING_MONITOR]:
+            return self.monitors[TRACKING_MONITOR][-1]
+        self.model.eval()
+        return self.tracking_validator()
+
+    def _update_best(self, epoch: int, train_loss: float, valid_loss: float | None,
+                     tracking_score: float | None = None) -> bool:
+        """Best by the tracking score with the generation-validation phase, else by the validation loss,
+        else by the training loss."""
+        value = tracking_score if tracking_score is not None else train_loss if valid_loss is None else valid_loss
         if self.best["value"] is None or value < self.best["value"] - self.params.patience_delta:
             self.best = {"epoch": epoch, "value": value, "train_loss": train_loss, "valid_loss": valid_loss}
             self.epochs_without_improvement = 0
@@ -352,7 +388,8 @@ def train_new_experiment(experiments_path, experiment_name: str, hdf5_file, inpu
                          streamline_group: str, *, model_type: str, model_config: ModelConfig,
                          training_sampler: SamplerParams, validation_sampler: SamplerParams,
                          loader: LoaderParams, trainer: TrainerParams, data: DataParams,
-                         use_gpu: bool = False, overwrite: bool = False) -> ExperimentFolder:
+                         use_gpu: bool = False, overwrite: bool = False,
+                         tracking_validator_factory=None) -> ExperimentFolder:
     """Create ``experiments_path/experiment_name`` and train a new model in it.
 
     Every check (folder, hdf5, groups, finite data, model parameters) runs before anything is written. The
@@ -370,6 +407,10 @@ def train_new_experiment(experiments_path, experiment_name: str, hdf5_file, inpu
         The model's constructor validates it.
     use_gpu : bool
         Train on the GPU (CPU with a warning when CUDA is missing).
+    tracking_validator_factory : callable or None
+        ``(cohort, model, input_group, streamline_group, trainer, device) -> tracking validator`` (see
+        ``Trainer``); required with ``trainer.add_a_tracking_validation_phase``. Tracking is not training's
+        business: the caller brings it (``tracking.validation.make_tracking_validator``).
     """
     folder = ExperimentFolder.check_new(experiments_path, experiment_name, overwrite)
     device = select_device(use_gpu)
@@ -381,17 +422,33 @@ def train_new_experiment(experiments_path, experiment_name: str, hdf5_file, inpu
                                 nb_points=cohort.nb_points)
         torch.manual_seed(trainer.rng)
         model = model_class(model_type)(**model_params).to(device)
+        validator = _tracking_validator(tracking_validator_factory, cohort, model, input_group, streamline_group,
+                                        trainer, device)
         with folder.building(overwrite) as new_folder:
             runner = Trainer(model, new_folder, cohort, input_group, streamline_group, model_type,
-                             training_sampler, validation_sampler, loader, trainer, data, device)
+                             training_sampler, validation_sampler, loader, trainer, data, device, validator)
             new_folder.write_parameters(runner.run_parameters())
             runner.run()
     return folder
 
 
+def _tracking_validator(factory, cohort, model, input_group: str, streamline_group: str, params: TrainerParams,
+                        device):
+    """The generation-validation callable when the phase is on (its data read and checked now), else None."""
+    if not params.add_a_tracking_validation_phase:
+        return None
+    if not cohort.subjects("validation"):
+        raise TrackflowError("--add_a_tracking_validation_phase needs validation subjects")
+    if factory is None:
+        raise TrackflowError("the tracking validation phase needs a tracking validator factory")
+    if params.tracking_mask not in cohort.volume_groups():
+        raise TrackflowError(f"--tracking_mask {params.tracking_mask!r} is not a volume group of {cohort.path}")
+    return factory(cohort, model, input_group, streamline_group, params, device)
+
+
 def resume_experiment(model_family: str, experiments_path, experiment_name: str, hdf5_file=None,
                       new_patience: int | None = None, new_max_epochs: int | None = None,
-                      use_gpu: bool = False) -> ExperimentFolder:
+                      use_gpu: bool = False, tracking_validator_factory=None) -> ExperimentFolder:
     """Continue an experiment from its ``checkpoint/`` (same sample stream as an uninterrupted run).
 
     Parameters
@@ -404,6 +461,8 @@ def resume_experiment(model_family: str, experiments_path, experiment_name: str,
         Replace the stored values; needed when the stored ones already stopped the training.
     use_gpu : bool
         Continue on the GPU (CPU with a warning when CUDA is missing), whatever device the run started on.
+    tracking_validator_factory : callable or None
+        As for ``train_new_experiment``, when the run has the generation-validation phase.
     """
     folder = ExperimentFolder.open_existing(experiments_path, experiment_name)
     state = folder.load_checkpoint_state()
@@ -436,11 +495,13 @@ def resume_experiment(model_family: str, experiments_path, experiment_name: str,
             raise TrackflowError(f"input group {dataset['input_group']!r} of {cohort.path} has {nb_features} "
                                  f"features but the model of {folder.path} takes {model.nb_features}")
         samplers = state["batch_sampler_params"]
+        validator = _tracking_validator(tracking_validator_factory, cohort, model, dataset["input_group"],
+                                        dataset["streamline_group"], trainer_params, device)
         runner = Trainer(model, folder, cohort, dataset["input_group"], dataset["streamline_group"],
                          state["model_type"], SamplerParams(**samplers["training"]),
                          SamplerParams(**samplers["validation"]), LoaderParams(**state["batch_loader_params"]),
                          trainer_params, DataParams(lazy=dataset["lazy"], cache_size=dataset["cache_size"]),
-                         device)
+                         device, validator)
         runner.restore_states(states)
         folder.write_parameters(runner.run_parameters())
         LOGGER.info("resuming %s after epoch %d", folder.path, completed)
