@@ -305,3 +305,12 @@ def test_tracking_rows_are_bit_identical_alone_or_with_others(rnn_key, volume, g
                 assert bool(together_tensor[b].any()) == (length > 1)
         alone_out = model.tracking_step(alone, torch.tensor([2]), streamlines[b][None], lengths[b:b + 1])
         assert torch.equal(together_out[b], alone_out[0])
+
+
+def test_inputs_interpolated_in_chunks_equal_those_in_one_go(volume, generator, monkeypatch):
+    from trackflow.models import base
+    model = make_model()
+    points = torch.rand(1000, 3, generator=generator) * torch.tensor(VOLUME_SHAPE[:3])
+    whole = model.compute_inputs(volume, points)
+    monkeypatch.setattr(base, "INPUT_CHUNK_POINTS", 50)  # 7 neighbours: chunks of 7 points
+    assert torch.equal(model.compute_inputs(volume, points), whole)

@@ -22,6 +22,8 @@ from trackflow.geometry.neighborhood import neighborhood_offsets
 from trackflow.models.direction_getters import make_direction_getter
 from trackflow.models.embeddings import make_embedding
 
+INPUT_CHUNK_POINTS = 2 ** 18  # neighbour points interpolated at once by ``compute_inputs``
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -196,7 +198,14 @@ class MainModel(nn.Module, abc.ABC):
         Tensor[N, M*F]
             Neighbour-major (origin first); M = 1 without a neighbourhood.
         """
-        return interpolate_trilinear(volume, points, self.neighborhood_offsets)
+        # The interpolation gathers 8 corners per neighbour: in chunks, so that rebuilding the state of many
+        # turned-around rows at once (a GPU's 10^5 slots) stays within memory.
+        chunk = max(1, INPUT_CHUNK_POINTS // (1 if self.neighborhood_offsets is None
+                                                else len(self.neighborhood_offsets)))
+        if len(points) <= chunk:
+            return interpolate_trilinear(volume, points, self.neighborhood_offsets)
+        return torch.cat([interpolate_trilinear(volume, part, self.neighborhood_offsets)
+                          for part in points.split(chunk)])
 
     @abc.abstractmethod
     def forward(self, inputs: list, streamlines: list) -> torch.Tensor:

@@ -235,7 +235,9 @@ class Tracker:
         concatenated (``concatenate_results``)."""
         p = self.params
         n_slots = min(p.n_slots, max(end - start, 1))
-        # One extra row: the scratch slot that absorbs the steps of rows stopped since the last check.
+        # One extra row: the scratch slot that absorbs the steps of rows stopped since the last check. A
+        # previous range's state goes first: both at once would double the peak (GBs of caches on a GPU).
+        self.model_state = self.slots = None
         self.model_state = self.model.new_tracking_state(self.volume, n_slots + 1, p.max_points)
         self.slots = SlotState.allocate(n_slots + 1, p.max_points, self.device)
         self.scratch = n_slots
