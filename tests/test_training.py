@@ -22,11 +22,13 @@ from trackflow.cli.train import l2t_main, l2t_resume_main, tt_main, tt_resume_ma
 from trackflow.data.hdf5.creation import create_hdf5_dataset
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.device import select_device
+from trackflow.errors import TrackflowError
 from trackflow.experiment import LOG_FILES, ExperimentFolder
 from trackflow.models.persistence import load_experiment_model
 from trackflow.models.registry import model_class
 from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData
-from trackflow.training.trainer import parse_learning_rates
+from trackflow.training.eos_calibration import best_f1_threshold
+from trackflow.training.trainer import calibrate_experiment_eos, parse_learning_rates
 
 # tiny_hdf5 (conftest): 1 training + 1 validation subject, 50 streamlines each, resampled to 1 mm.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -163,9 +165,15 @@ def test_l2t_validation_loss_falls_and_folder_layout(tiny_hdf5, tmp_path):
     assert len(valid) == 6 and valid[-1] < 0.7 * valid[0]
 
     for model_dir in ("best_model", "checkpoint/model"):
-        assert sorted(p.name for p in (exp / model_dir).iterdir()) == ["model_state.pkl", "model_type.txt",
-                                                                        "parameters.json"]
+        assert sorted(p.name for p in (exp / model_dir).iterdir()) == ["eos_calibration.json", "model_state.pkl",
+                                                                        "model_type.txt", "parameters.json"]
         assert (exp / model_dir / "model_type.txt").read_text() == "Learn2TrackModel"
+    # The EOS threshold chosen on the validation subject, beside each model; recomputing it gives the same.
+    calibration = json.loads((exp / "best_model" / "eos_calibration.json").read_text())
+    assert 0 < calibration["threshold"] < 1 and calibration["subjects"] == ["sub-02"]
+    assert calibration["n_ends"] == 2 * 50 and 0 < calibration["f1"] <= 1
+    assert ExperimentFolder(exp).read_eos_threshold(use_latest_epoch=False) == calibration["threshold"]
+    assert calibrate_experiment_eos(exp)["best_model"] == calibration
     assert sorted(p.name for p in (exp / "logs").iterdir()) == sorted(LOG_FILES.values())
     assert all(len(np.load(exp / "logs" / f)) == 6 for f in LOG_FILES.values())
     latest = ExperimentFolder(exp).read_latest_parameters()
@@ -265,7 +273,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_hdf5, tmp_path):
     (("input", "streamlines"), ["--add_entropy_to_gauss", "0.5"], "add_entropy_to_gauss"),
     (("input", "streamlines"), ["--input_embedding_key", "cnn_embedding", "--nb_cnn_filters", "4",
                                 "--kernel_size", "2"], "grid"),
-    (("input", "streamlines"), ["--dg_key", "sphere-classification", "--add_eos", "--eos_weight", "2"],
+    (("input", "streamlines"), ["--dg_key", "sphere-classification", "--add_eos", "--eos_weight", "-2"],
      "eos_weight"),
     (("input", "streamlines"), ["--eos_weight", "2"], "--eos_weight needs --add_eos"),
     (("input", "streamlines"), ["--prev_dirs_embedding_key", "nn_embedding", "--prev_dirs_embedded_size", "8"],
@@ -477,3 +485,27 @@ def test_unreadable_checkpoint_on_resume(tiny_hdf5, tmp_path, capsys, damage):
 class _Malicious:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
+
+
+def test_eos_threshold_separates_true_ends_from_the_other_points():
+    rng = np.random.default_rng(0)
+    # 40 streamlines of 70 points: p(EOS) at the ends in [0.04, 0.2], elsewhere below 0.03 but for 5 points
+    inner = rng.uniform(0, 0.03, 40 * 69)
+    inner[:5] = 0.15
+    ends = rng.uniform(0.04, 0.2, 40)
+    record = best_f1_threshold(np.concatenate([inner, ends]), np.r_[np.zeros(inner.size, bool), np.ones(40, bool)])
+    assert inner[5:].max() < record["threshold"] < ends.min()  # every end, none of the low inner points
+    assert record["recall"] == 1 and record["precision"] == pytest.approx(40 / 45)
+    assert record["n_ends"] == 40 and record["n_points"] == 40 * 70
+    # ties: a threshold never splits equal probabilities
+    tied = best_f1_threshold(np.array([0.5, 0.5, 0.1]), np.array([True, False, False]))
+    assert 0.1 < tied["threshold"] < 0.5 and tied["precision"] == 0.5
+
+
+def test_no_validation_subject_no_calibration(training_only_hdf5, tmp_path, capsys):
+    exp = _train(l2t_main, tmp_path, "l2t", training_only_hdf5, *TINY_L2T, "--add_eos", "--max_epochs", "1",
+                 "--dg_key", "sphere-classification")
+    assert not (exp / "best_model" / "eos_calibration.json").exists()
+    assert "no EOS calibration" in capsys.readouterr().err
+    with pytest.raises(TrackflowError, match="eos_calibration.json"):
+        ExperimentFolder(exp).read_eos_threshold(use_latest_epoch=False)
