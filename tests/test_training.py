@@ -27,7 +27,7 @@ from trackflow.experiment import LOG_FILES, ExperimentFolder
 from trackflow.models.persistence import load_experiment_model
 from trackflow.models.registry import model_class
 from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData
-from trackflow.training.eos_calibration import best_f1_threshold
+from trackflow.training.eos_calibration import _interior_and_end_maxima, best_first_stop_threshold
 from trackflow.training.trainer import calibrate_experiment_eos, parse_learning_rates
 
 # tiny_hdf5 (conftest): 1 training + 1 validation subject, 50 streamlines each, resampled to 1 mm.
@@ -171,7 +171,7 @@ def test_l2t_validation_loss_falls_and_folder_layout(tiny_hdf5, tmp_path):
     # The EOS threshold chosen on the validation subject, beside each model; recomputing it gives the same.
     calibration = json.loads((exp / "best_model" / "eos_calibration.json").read_text())
     assert 0 < calibration["threshold"] < 1 and calibration["subjects"] == ["sub-02"]
-    assert calibration["n_ends"] == 2 * 50 and 0 < calibration["f1"] <= 1
+    assert calibration["n_streamlines"] == 2 * 50 and 0 <= calibration["net_gain"] <= 1
     assert ExperimentFolder(exp).read_eos_threshold(use_latest_epoch=False) == calibration["threshold"]
     assert calibrate_experiment_eos(exp)["best_model"] == calibration
     assert sorted(p.name for p in (exp / "logs").iterdir()) == sorted(LOG_FILES.values())
@@ -487,19 +487,20 @@ class _Malicious:
         return (os.system, ("touch pwned",))
 
 
-def test_eos_threshold_separates_true_ends_from_the_other_points():
+def test_eos_threshold_stops_streamlines_at_their_ends_and_cuts_few():
     rng = np.random.default_rng(0)
-    # 40 streamlines of 70 points: p(EOS) at the ends in [0.04, 0.2], elsewhere below 0.03 but for 5 points
-    inner = rng.uniform(0, 0.03, 40 * 69)
-    inner[:5] = 0.15
-    ends = rng.uniform(0.04, 0.2, 40)
-    record = best_f1_threshold(np.concatenate([inner, ends]), np.r_[np.zeros(inner.size, bool), np.ones(40, bool)])
-    assert inner[5:].max() < record["threshold"] < ends.min()  # every end, none of the low inner points
-    assert record["recall"] == 1 and record["precision"] == pytest.approx(40 / 45)
-    assert record["n_ends"] == 40 and record["n_points"] == 40 * 70
-    # ties: a threshold never splits equal probabilities
-    tied = best_f1_threshold(np.array([0.5, 0.5, 0.1]), np.array([True, False, False]))
-    assert 0.1 < tied["threshold"] < 0.5 and tied["precision"] == 0.5
+    # 40 streamlines: largest p(EOS) in their last points in [0.04, 0.2], inside below 0.03 but for 5 at 0.15
+    end_max = rng.uniform(0.04, 0.2, 40)
+    interior_max = rng.uniform(0, 0.03, 40)
+    interior_max[:5] = 0.15
+    record = best_first_stop_threshold(interior_max, end_max)
+    assert interior_max[5:].max() < record["threshold"] < end_max.min()  # cuts only the 5
+    assert record["recall"] == pytest.approx(35 / 40) and record["precision"] == pytest.approx(35 / 40)
+    # a per-point view would count each inner point; here one false stop anywhere cuts the streamline
+    values = np.array([0.0, 0.9, 0.1, 0.2, 0.3, 0.0, 0.0, 0.4])  # streamlines of 5 and 3 points
+    interior, end = _interior_and_end_maxima(values, np.array([5, 3]))
+    np.testing.assert_array_equal(interior, [0.9, 0.0])
+    np.testing.assert_array_equal(end, [0.3, 0.4])
 
 
 def test_no_validation_subject_no_calibration(training_only_hdf5, tmp_path, capsys):

@@ -330,8 +330,10 @@ class Trainer:
         subjects = self.cohort.subjects("validation")
         for model_dir, model in models.items():
             record = calibrate_eos(model, self.loader, self.validation_data, subjects)
-            LOGGER.info("EOS calibration of %s: threshold %.4g (F1 %.3f of true ends; 'max' rule: recall %.3f)",
-                        model_dir.name, record["threshold"], record["f1"], record["argmax_recall"])
+            LOGGER.info("EOS calibration of %s: threshold %.4g stops %.0f%% of the validation streamlines at their "
+                        "end and cuts %.0f%% of those it stops before ('max' rule: %.0f%%, %.0f%%)", model_dir.name,
+                        record["threshold"], 100 * record["recall"], 100 * (1 - record["precision"]),
+                        100 * record["max_rule_recall"], 100 * (1 - record["max_rule_precision"]))
             self.folder.write_eos_calibration(model_dir, record)
             if latest_is_best:
                 self.folder.write_eos_calibration(self.folder.best_model_dir, record)
