@@ -426,7 +426,8 @@ def test_eos_max_stops_a_classification_head_whose_eos_probability_is_small(rule
     result, (line,) = track(model, VolumeStoppingCriterion((10, 5, 5)), FixedSeeds([(1.5, 2.5, 2.5)]),
                             track_forward_only=True, eos_threshold=rule)
     assert (result.end_reasons[0, 0] == StopReason.EOS) == stops_at_eos
-    assert line[-1, 0] == pytest.approx(7.5 if stops_at_eos else 9.5, abs=1e-5)
+    # the likeliest vertex is close to +x: EOS stops in voxel 7; otherwise the first point outside is kept
+    assert (math.floor(line[-1, 0]) == 7) if stops_at_eos else (line[-1, 0] > 10)
 
 
 @pytest.mark.parametrize("rule", ["auto", 1.5, -0.1, "0.5"])

@@ -17,11 +17,12 @@ finished forward halves around (reversed in place, seed last, the model state re
 the next seeds.
 
 Rules (spec §6.4, with dwi_ml's defects fixed): a new point is refused when the head gives no finite
-direction, when EOS is above the threshold, or when the turn exceeds theta; otherwise it is appended, even
-outside the mask (the first point outside is kept) unless ``discard_last_point``; the total over both halves
+direction, when the EOS rule says 'end' (probability above the threshold, or EOS most likely), or when
+the turn exceeds theta; otherwise it is appended, even outside the mask (the first point outside is kept) unless ``discard_last_point``; the total over both halves
 never exceeds ``max_points``. A seed whose first forward step failed still gets its backward half, whose
 first step is forced along the opposite of that refused first direction. The sampled decoder's randomness is
-keyed by seed index and step count, so results do not depend on the slot count.
+keyed by seed index and step count, so results do not depend on the slot count; it gets each row's previous
+step to sample within the theta cone.
 """
 
 import enum
@@ -60,9 +61,9 @@ class TrackingParameters:
     step_size_vox: step in voxels; max_points: most points of a whole streamline (both halves);
     theta_deg: largest angle between consecutive steps; eos_threshold: stop when the head's EOS probability
     is above it, or ``EOS_MAX`` ('max'): when EOS is the head's most likely outcome
-    (``head.eos_is_most_likely``), or None: never; discard_last_point: keep only points inside the tracking criterion; n_slots:
-    streamlines tracked at once; check_every: steps between host checks. How directions are decoded (det or
-    prob, and the seed of the sampling) is the decoder's business (``decoders.py``).
+    (``head.eos_is_most_likely``), or None: never; discard_last_point: keep only points inside the tracking
+    criterion; n_slots: streamlines tracked at once; check_every: steps between host checks. How directions
+    are decoded (det or prob, and the seed of the sampling) is the decoder's business (``decoders.py``).
     """
 
     step_size_vox: float
