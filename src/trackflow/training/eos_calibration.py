@@ -108,11 +108,13 @@ def calibrate_eos(model, loader, data, subjects) -> dict:
     probabilities, most_likely, lengths = eos_outputs_along_streamlines(model, loader, data, subjects)
     interior_max, end_max = _interior_and_end_maxima(probabilities, lengths)
     record = best_first_stop_threshold(interior_max, end_max)
-    # the max rule is the threshold rule on a 0/1 'probability'
-    max_rule = best_first_stop_threshold(*_interior_and_end_maxima(most_likely.astype(np.float64), lengths))
+    # the max rule: a first stop where EOS is most likely
+    flagged_inside, flagged_end = _interior_and_end_maxima(most_likely.astype(np.float64), lengths)
+    cut, right = flagged_inside > 0, (flagged_inside <= 0) & (flagged_end > 0)
     ends = np.cumsum(lengths) - 1
     record.update(mean_p_at_ends=float(probabilities[ends].mean()), ends_share=float(len(ends) / len(probabilities)),
-                  max_rule_recall=max_rule["recall"], max_rule_precision=max_rule["precision"],
+                  max_rule_recall=float(right.mean()),
+                  max_rule_precision=float(right.sum() / (right.sum() + cut.sum())) if (right | cut).any() else 0.0,
                   end_points=END_POINTS, subjects=list(subjects))
     return record
 
