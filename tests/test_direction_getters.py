@@ -11,7 +11,7 @@ from scipy.spatial.distance import cosine, euclidean
 from scipy.special import log_softmax, logsumexp
 
 from trackflow.errors import TrackflowError
-from trackflow.models.direction_getters import DIRECTION_GETTER_KEYS, make_direction_getter
+from trackflow.models.direction_getters import CONE_CANDIDATES, DIRECTION_GETTER_KEYS, make_direction_getter
 
 VERTICES = get_sphere(name="symmetric724").vertices.astype(np.float32).astype(np.float64)
 SAMPLING_KEYS = [k for k in DIRECTION_GETTER_KEYS if "regression" not in k]
@@ -71,7 +71,7 @@ def test_null_option_means_default():
 
 def test_bad_options_rejected():
     with pytest.raises(TrackflowError):
-        make_direction_getter("sphere-classification", 10, {"add_eos": True, "eos_weight": 2.0})
+        make_direction_getter("sphere-classification", 10, {"add_eos": True, "eos_weight": -1.0})
     with pytest.raises(TrackflowError):
         make_direction_getter("von-mises", 10, {})
     with pytest.raises(TrackflowError):
@@ -387,3 +387,91 @@ def test_head_overfits_one_batch(key, eos):
     if eos:  # every EOS row is ranked above every other row
         probability = head.eos_probability(raw)
         assert probability[is_eos].min() > probability[real].max()
+
+
+# ----------------------------------------------------------------------------------------------- EOS rules, cone
+
+def test_eos_max_stops_where_eos_is_the_argmax_even_below_one_half():
+    head = make_direction_getter("sphere-classification", 10, {"add_eos": True})
+    raw = torch.zeros(3, 725)
+    raw[:, 724] = 3.0
+    raw[0, 5] = 2.5   # EOS is the argmax, p(EOS) ~ 0.03
+    raw[1, 5] = 3.5   # a direction beats EOS
+    raw[2, 5] = 3.0   # a tie: the direction wins
+    assert head.eos_probability(raw)[0] < 0.5
+    assert head.eos_is_most_likely(raw).tolist() == [True, False, False]
+    assert make_direction_getter("sphere-classification", 10, {}).eos_is_most_likely(raw[:, :724]) is None
+
+
+@pytest.mark.parametrize("key", [k for k in DIRECTION_GETTER_KEYS if "classification" not in k])
+def test_eos_max_of_a_sigmoid_output_is_p_above_one_half(key):
+    torch.manual_seed(1)
+    head = make_direction_getter(key, 10, {"add_eos": True, **HEAD_OPTIONS.get(key, {})})
+    raw = head(torch.randn(200, 10) * 5)
+    assert torch.equal(head.eos_is_most_likely(raw), head.eos_probability(raw) > 0.5)
+    assert 0 < int(head.eos_is_most_likely(raw).sum()) < 200
+
+
+@pytest.mark.parametrize("key", ["sphere-classification", "smooth-sphere-classification"])
+def test_classification_eos_weight_weighs_the_eos_rows_only(key):
+    torch.manual_seed(2)
+    raw, targets = torch.randn(6, 725), torch.randn(6, 3)
+    is_eos = torch.tensor([False, True, False, False, True, False])
+    plain = make_direction_getter(key, 10, {"add_eos": True}).loss(raw, targets, is_eos)
+    weighted = make_direction_getter(key, 10, {"add_eos": True, "eos_weight": 7.0}).loss(raw, targets, is_eos)
+    torch.testing.assert_close(weighted, torch.where(is_eos, 7.0 * plain, plain))
+
+
+@pytest.mark.parametrize("key", SAMPLING_KEYS)
+def test_cone_sampling_never_leaves_the_cone_when_the_distribution_reaches_it(key):
+    torch.manual_seed(4)
+    head = make_direction_getter(key, 10, {"add_eos": True, **HEAD_OPTIONS.get(key, {})})
+    n = 400
+    raw = head(torch.randn(n, 10))
+    previous = torch.nn.functional.normalize(torch.randn(n, 3), dim=1)
+    cos_theta = math.cos(math.radians(40))
+    u = torch.rand(n, head.n_cone_uniforms, generator=torch.Generator().manual_seed(5))
+    out = head.sample_in_cone(raw, u, previous, cos_theta)
+    cosine = torch.nn.functional.cosine_similarity(out, previous, dim=1)
+    if "classification" in key:  # exact: every row has vertices inside a 40 degree cone
+        assert head.n_cone_uniforms == 1 and bool((cosine >= cos_theta - 1e-6).all())
+        return
+    # bounded rejection: the first candidate inside; outside only when no candidate is inside
+    k = head.n_uniforms
+    candidates = torch.stack([head.sample_from_uniforms(raw, u[:, c * k:(c + 1) * k])
+                              for c in range(CONE_CANDIDATES)], dim=1)
+    inside = torch.nn.functional.cosine_similarity(candidates, previous[:, None], dim=-1) >= cos_theta
+    reached = inside.any(dim=1)
+    assert 0.3 * n < int(reached.sum()) < n  # the case is not trivial
+    assert bool((cosine[reached] >= cos_theta - 1e-6).all()) and bool((cosine[~reached] < cos_theta).all())
+    first = inside.to(torch.int8).argmax(dim=1)
+    torch.testing.assert_close(out[reached], candidates[torch.arange(n), first][reached])
+
+
+def test_cone_classification_is_the_renormalised_restricted_softmax():
+    head = make_direction_getter("sphere-classification", 10, {"add_eos": True})
+    torch.manual_seed(6)
+    logits = torch.randn(1, 725) * 2
+    previous = torch.tensor([[0.0, 0.6, 0.8]])
+    cos_theta = math.cos(math.radians(30))
+    m = 40000  # a uniform grid of u: the empirical frequencies are the CDF's steps
+    u = ((torch.arange(m, dtype=torch.float64) + 0.5) / m).float()[:, None]
+    samples = head.sample_in_cone(logits.expand(m, -1), u, previous.expand(m, -1), cos_theta)
+    index = torch.argmax(samples @ head.vertices.T, dim=1)
+    frequencies = torch.bincount(index, minlength=724).double() / m
+    inside = (previous @ head.vertices.T)[0] >= cos_theta
+    expected = torch.where(inside, torch.softmax(logits[0, :724].double(), 0), 0.0)
+    expected /= expected.sum()
+    assert int(inside.sum()) > 10
+    torch.testing.assert_close(frequencies, expected, atol=2 / m, rtol=0)
+
+
+@pytest.mark.parametrize("key", SAMPLING_KEYS)
+def test_a_cone_of_180_degrees_is_the_whole_distribution(key):
+    torch.manual_seed(7)
+    head = make_direction_getter(key, 10, {"add_eos": True, **HEAD_OPTIONS.get(key, {})})
+    raw = head(torch.randn(50, 10))
+    u = torch.rand(50, head.n_cone_uniforms)
+    previous = torch.nn.functional.normalize(torch.randn(50, 3), dim=1)
+    torch.testing.assert_close(head.sample_in_cone(raw, u, previous, -1.0),
+                               head.sample_from_uniforms(raw, u[:, :head.n_uniforms]), atol=0, rtol=0)

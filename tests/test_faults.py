@@ -27,8 +27,8 @@ tt_train_model                            39
 l2t_resume_training_from_checkpoint       25
 tt_resume_training_from_checkpoint        25
 dwiml_visualize_logs                      12
-l2t_track_from_model                      55
-tt_track_from_model                       56
+l2t_track_from_model                      58
+tt_track_from_model                       59
 l2t_visualize_loss                        27
 tt_visualize_loss                         27
 trackflow_score                           25
@@ -59,12 +59,17 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import trx.trx_file_memmap as tmm
 
 from fault_fixtures import (FILE_FAULTS, copy_tree, damaged_copy, hdf5_corrupt_object_header, hdf5_edited, link_tree,
                             malicious_pickle, nifti_like, snapshot, trk_on_other_grid, trk_with_nan)
 from test_tractoflow import TRACTOFLOW_FROM_DEMO  # tests/ is on sys.path
 from trackflow.data.hdf5.creation import create_hdf5_dataset
+from trackflow.data.hdf5.reader import HDF5Cohort
+from trackflow.models.l2t import Learn2TrackModel
+from trackflow.models.persistence import save_model_dir
+from trackflow.models.transformers import OriginalTransformerModel
 from trackflow.data.tractograms import load_tractogram_file, save_tractogram_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -651,6 +656,18 @@ def _track(w, tmp, family, experiment=None, hdf5=None, subject=SUBJECT, input_gr
     return Plan(argv + list(extra), [out], marker)
 
 
+def _untrained_eos_model(family, hdf5):
+    with HDF5Cohort(hdf5) as cohort:
+        nb_features = cohort.volume_groups()["input"]
+    head = {"dg_key": "sphere-classification", "dg_args": {"add_eos": True}}
+    torch.manual_seed(0)
+    if family == "l2t":
+        return Learn2TrackModel(nb_features=nb_features, step_size=1.0, rnn_key="gru", rnn_layer_sizes=[4], **head)
+    return OriginalTransformerModel(nb_features=nb_features, step_size=1.0, max_len=200, n_layers_e=1, n_layers_d=1,
+                                    nheads=2, input_embedded_size=8, ffnn_hidden_size=8, dropout_rate=0.0,
+                                    input_embedding_key="nn_embedding", **head)
+
+
 def _track_cases(family):
     command = f"{family}_track_from_model"
     other = "tt" if family == "l2t" else "l2t"
@@ -731,11 +748,20 @@ def _track_cases(family):
                ("nt-nonsense", ["--nt", "many"]), ("rng-seed-nonsense", ["--rng_seed", "abc"]),
                ("simultaneous-tracking-0", ["--simultaneous_tracking", "0"]),
                ("compress-negative", ["--compress", "-1"]), ("algo-unknown", ["--algo", "magic"]),
-               ("mask-interp-unknown", ["--mask_interp", "cubic"]), ("subset-unknown", ["--subset", "all"])]
+               ("mask-interp-unknown", ["--mask_interp", "cubic"]), ("subset-unknown", ["--subset", "all"]),
+               ("eos-stop-unknown-word", ["--eos_stop", "maximum"]),
+               ("prob-sampling-unknown", ["--algo", "prob", "--prob_sampling", "sphere"])]
     for fault, opts in numeric:
         add(command, fault, lambda w, t, o=opts: T(w, t, family, extra=o))
     add(command, "wrong-model-family", lambda w, t: T(w, t, family, experiment=w.experiments[other]),
         f"{other}_track_from_model")
+
+    def eos_auto_uncalibrated(w, t):
+        # an EOS model without eos_calibration.json (trained before calibration existed)
+        experiment = t / "eos_exp"
+        save_model_dir(_untrained_eos_model(family, w.hdf5), experiment / "best_model")
+        return T(w, t, family, experiment=experiment, extra=["--eos_stop", "auto"])
+    add(command, "eos-stop-auto-without-calibration", eos_auto_uncalibrated, "eos_calibration.json")
     if family == "tt":
         def default_max_length(w, t):
             plan = T(w, t, family)

@@ -19,6 +19,7 @@ import trackflow.data.tractograms
 from trackflow.cli.track import l2t_main, tt_main
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.errors import TrackflowError
+from trackflow.experiment import ExperimentFolder
 from trackflow.tracking.run import TrackingOptions, track_from_experiment
 from trackflow.models.l2t import Learn2TrackModel
 from trackflow.models.transformers import OriginalTransformerModel
@@ -143,18 +144,20 @@ def test_dwi_ml_tracking_options_without_effect_change_nothing(world, tmp_path, 
     assert (tmp_path / "plain.trk").read_bytes() == (tmp_path / "dwi_ml.trk").read_bytes()
 
 
-def run_l2t(world, out, *extra, experiment="l2t"):
-    l2t_main([str(world[experiment]), SUBJECT, "input", str(out), "interface_mask", "--hdf5_file",
+def run_l2t(world, out, *extra, experiment="l2t", experiments=None):
+    l2t_main([str((experiments or world)[experiment]), SUBJECT, "input", str(out), "interface_mask", "--hdf5_file",
               str(world["hdf5"]), "--tracking_mask_group", "wm_mask", "--min_length", "0", "--rng_seed", "4",
               "--max_length", "40", "-f", *extra])
 
 
-@pytest.mark.parametrize("algo", ["det", "prob"])
-def test_same_tractogram_for_any_number_of_simultaneous_streamlines(world, tmp_path, algo):
+@pytest.mark.parametrize("algo, sampling", [("det", "cone"), ("prob", "cone"), ("prob", "full")])
+def test_same_tractogram_for_any_number_of_simultaneous_streamlines(world, tmp_path, algo, sampling):
     tractograms = []
     for n in (1, 4, 500):
         out = tmp_path / f"{algo}_{n}.trk"
-        run_l2t(world, out, "--algo", algo, "--nt", "15", "--simultaneous_tracking", str(n))
+        # 39.5 mm: 40 points at the 1 mm step, a length no rounding pushes past the bound
+        run_l2t(world, out, "--algo", algo, "--prob_sampling", sampling, "--nt", "15",
+                "--simultaneous_tracking", str(n), "--max_length", "39.5")
         tractograms.append(load_tractogram(str(out), "same", bbox_valid_check=False).streamlines)
     assert len(tractograms[0]) == 15  # --min_length 0: one streamline per seed, seed order
     for other in tractograms[1:]:
@@ -201,6 +204,7 @@ def test_compress_trx_tck_and_seeds(world, tmp_path):
     (["--theta", "-10"], "--theta"),
     (["--step_size", "2", "--max_length", "1.5", "--min_length", "0"], "shorter than one step"),
     (["--max_length", "0.5", "--min_length", "0"], "shorter than one step"),  # the model's 1 mm step
+    (["--eos_stop", "auto"], "eos_calibration.json"),  # an EOS model trained before calibration existed
 ])
 def test_bad_input_gives_one_line_and_no_output(world, tmp_path, capsys, args, message):
     options = dict(zip(args[::2], args[1::2]))
@@ -321,3 +325,20 @@ def _raises(func, *args):
     except TrackflowError as e:
         return "already exists" if "already exists" in str(e) else str(e)
     return None
+
+
+def test_eos_stop_auto_uses_the_threshold_stored_beside_the_model(world, tmp_path):
+    experiment = shutil.copytree(world["l2t"], tmp_path / "calibrated")
+    ExperimentFolder(experiment).write_eos_calibration(experiment / "best_model", {"threshold": 1e-12})
+    run_l2t(world, tmp_path / "auto.trk", "--nt", "15", "--eos_stop", "auto", experiment="calibrated_l2t",
+            experiments={"calibrated_l2t": experiment})
+    run_l2t(world, tmp_path / "fixed.trk", "--nt", "15", "--eos_stop", "1e-12")
+    run_l2t(world, tmp_path / "half.trk", "--nt", "15")
+    assert (tmp_path / "auto.trk").read_bytes() == (tmp_path / "fixed.trk").read_bytes()
+    assert (tmp_path / "auto.trk").read_bytes() != (tmp_path / "half.trk").read_bytes()
+
+
+def test_eos_stop_max_on_a_head_where_eos_is_never_the_argmax_changes_nothing(world, tmp_path):
+    run_l2t(world, tmp_path / "max.trk", "--nt", "15", "--eos_stop", "max")
+    run_l2t(world, tmp_path / "half.trk", "--nt", "15", "--eos_stop", "0.5")
+    assert (tmp_path / "max.trk").read_bytes() == (tmp_path / "half.trk").read_bytes()

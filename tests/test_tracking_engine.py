@@ -13,6 +13,7 @@ import torch
 
 from trackflow.data.streamlines import gather_ragged
 from trackflow.errors import TrackflowError
+from trackflow.models.direction_getters import CONE_CANDIDATES, DirectionGetter, make_direction_getter
 from trackflow.tracking.decoders import DeterministicDecoder, SampledDecoder, make_direction_decoder
 from trackflow.tracking.random import counter_uniforms
 from trackflow.tracking.seeds import SeedGenerator, count_seeds
@@ -21,22 +22,29 @@ from trackflow.tracking.tracker import StopReason, Tracker, TrackingParameters, 
 
 
 class FieldHead:
-    """raw = [dx, dy, dz, eos_probability]; sampling jitters the direction with 3 uniforms."""
+    """raw = [dx, dy, dz, eos_probability]; sampling jitters the direction with 3 uniforms (``jitter`` wide);
+    in the cone, the real heads' bounded rejection (``DirectionGetter.sample_in_cone``)."""
 
     n_uniforms = 3
+    n_cone_uniforms = CONE_CANDIDATES * 3
+    sample_in_cone = DirectionGetter.sample_in_cone
 
-    def __init__(self, with_eos=True, supports_sampling=True):
+    def __init__(self, with_eos=True, supports_sampling=True, jitter=0.4):
         self.with_eos = with_eos
         self.supports_sampling = supports_sampling
+        self.jitter = jitter
 
     def deterministic(self, raw):
         return raw[:, :3]
 
     def sample_from_uniforms(self, raw, u):
-        return raw[:, :3] + 0.4 * (u - 0.5)
+        return raw[:, :3] + self.jitter * (u - 0.5)
 
     def eos_probability(self, raw):
         return raw[:, 3] if self.with_eos else None
+
+    def eos_is_most_likely(self, raw):
+        return raw[:, 3] > 0.5 if self.with_eos else None
 
 
 class FieldModel:
@@ -255,15 +263,15 @@ def curved_world():
     return field.astype(np.float32), mask, eos
 
 
-@pytest.mark.parametrize("algo", ["det", "prob"])
-def test_same_tractogram_whatever_the_number_of_slots(algo):
+@pytest.mark.parametrize("algo, sampling", [("det", "cone"), ("prob", "full"), ("prob", "cone")])
+def test_same_tractogram_whatever_the_number_of_slots(algo, sampling):
     field, mask, eos = curved_world()
     results = []
     for n_slots in (1, 5, 32):
-        model = FieldModel(field, eos)
+        model = FieldModel(field, eos, head=FieldHead(jitter=0.8))
         seeds = SeedGenerator(mask, rng_seed=3)
         tracker = Tracker(model, torch.zeros(1, 1, 1, 1), MaskStoppingCriterion(torch.as_tensor(mask)), seeds,
-                          make_direction_decoder(algo, model.direction_getter, rng_seed=11),
+                          make_direction_decoder(algo, model.direction_getter, 11, sampling, theta_deg=50),
                           TrackingParameters(step_size_vox=0.5, max_points=16, theta_deg=50, eos_threshold=0.5,
                                              n_slots=n_slots, check_every=3))
         results.append(tracker.track(60))
@@ -368,3 +376,66 @@ def test_counter_uniforms_match_python_reference_and_look_uniform():
     assert stats.kstest(many[:, 0].numpy(), "uniform").pvalue > 1e-3
     assert abs(np.corrcoef(many[:, 0], many[:, 1])[0, 1]) < 0.03
     assert math.isclose(float(many.mean()), 0.5, abs_tol=0.01)
+
+
+def _prob_run(sampling, head, theta=30.0, **params):
+    field, mask, eos = curved_world()
+    model = FieldModel(field, eos, head=head)
+    tracker = Tracker(model, torch.zeros(1, 1, 1, 1), MaskStoppingCriterion(torch.as_tensor(mask)),
+                      SeedGenerator(mask, rng_seed=3), make_direction_decoder("prob", head, 5, sampling, theta),
+                      TrackingParameters(step_size_vox=0.5, max_points=40, theta_deg=theta, n_slots=16, **params))
+    return tracker.track(80)
+
+
+def test_cone_sampling_replaces_angle_stops_by_steps_inside_the_cone():
+    full = _prob_run("full", FieldHead(jitter=1.0))
+    cone = _prob_run("cone", FieldHead(jitter=1.0))
+    angle_stops = [int((r.end_reasons == StopReason.ANGLE).sum()) for r in (full, cone)]
+    print(angle_stops, full.lengths.mean(), cone.lengths.mean())
+    assert angle_stops[0] > 40 and angle_stops[1] < angle_stops[0] / 4
+    assert cone.lengths.mean() > 1.5 * full.lengths.mean()
+    # a cone of 180 degrees is the whole distribution: the same streamlines
+    wide = [_prob_run(sampling, FieldHead(jitter=2.0), theta=180) for sampling in ("full", "cone")]
+    np.testing.assert_array_equal(wide[0].points, wide[1].points)
+
+
+class ClassificationFieldModel(FieldModel):
+    """The field model behind a real sphere-classification head: the field's direction is the likeliest
+    vertex, and in the EOS mask the EOS logit is the argmax of all classes with p(EOS) ~ 0.02."""
+
+    def __init__(self, field, eos_mask):
+        super().__init__(field, eos_mask, head=make_direction_getter("sphere-classification", 4, {"add_eos": True}))
+
+    def tracking_step(self, state, rows, points, lengths):
+        out = super().tracking_step(state, rows, points, lengths)
+        vertices = self.direction_getter.vertices
+        logits = 5.0 * torch.nn.functional.normalize(out[:, :3], dim=1) @ vertices.T
+        eos_logit = torch.where(out[:, 3] > 0, 5.5, -30.0)
+        return torch.cat([logits, eos_logit[:, None]], dim=1)
+
+
+@pytest.mark.parametrize("rule, stops_at_eos", [("max", True), (0.5, False), (0.01, True)])
+def test_eos_max_stops_a_classification_head_whose_eos_probability_is_small(rule, stops_at_eos):
+    eos = np.zeros((10, 5, 5), np.float32)
+    eos[7] = 1.0
+    model = ClassificationFieldModel(x_field(), eos)
+    probability = model.direction_getter.eos_probability(
+        model.tracking_step(model.new_tracking_state(None, 1, 1), torch.tensor([0]),
+                            torch.tensor([[[7.5, 2.5, 2.5], [7.5, 2.5, 2.5]]]), torch.tensor([1])))
+    assert probability.item() < 0.05
+    result, (line,) = track(model, VolumeStoppingCriterion((10, 5, 5)), FixedSeeds([(1.5, 2.5, 2.5)]),
+                            track_forward_only=True, eos_threshold=rule)
+    assert (result.end_reasons[0, 0] == StopReason.EOS) == stops_at_eos
+    # the likeliest vertex is close to +x: EOS stops in voxel 7; otherwise the first point outside is kept
+    assert (math.floor(line[-1, 0]) == 7) if stops_at_eos else (line[-1, 0] > 10)
+
+
+@pytest.mark.parametrize("rule", ["auto", 1.5, -0.1, "0.5"])
+def test_eos_rule_must_be_a_probability_or_max(rule):
+    with pytest.raises(TrackflowError, match="EOS stop"):
+        TrackingParameters(step_size_vox=1.0, max_points=10, eos_threshold=rule)
+
+
+def test_unknown_prob_sampling_is_refused():
+    with pytest.raises(TrackflowError, match="prob_sampling"):
+        make_direction_decoder("prob", FieldHead(), 0, "sphere")

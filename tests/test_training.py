@@ -22,11 +22,13 @@ from trackflow.cli.train import l2t_main, l2t_resume_main, tt_main, tt_resume_ma
 from trackflow.data.hdf5.creation import create_hdf5_dataset
 from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.device import select_device
+from trackflow.errors import TrackflowError
 from trackflow.experiment import LOG_FILES, TRACKING_MONITOR, ExperimentFolder
 from trackflow.models.persistence import load_experiment_model
 from trackflow.models.registry import model_class
 from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData
-from trackflow.training.trainer import parse_learning_rates
+from trackflow.training.eos_calibration import _interior_and_end_maxima, best_first_stop_threshold
+from trackflow.training.trainer import calibrate_experiment_eos, parse_learning_rates
 
 # tiny_hdf5 (conftest): 1 training + 1 validation subject, 50 streamlines each, resampled to 1 mm.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -163,9 +165,15 @@ def test_l2t_validation_loss_falls_and_folder_layout(tiny_hdf5, tmp_path):
     assert len(valid) == 6 and valid[-1] < 0.7 * valid[0]
 
     for model_dir in ("best_model", "checkpoint/model"):
-        assert sorted(p.name for p in (exp / model_dir).iterdir()) == ["model_state.pkl", "model_type.txt",
-                                                                        "parameters.json"]
+        assert sorted(p.name for p in (exp / model_dir).iterdir()) == ["eos_calibration.json", "model_state.pkl",
+                                                                        "model_type.txt", "parameters.json"]
         assert (exp / model_dir / "model_type.txt").read_text() == "Learn2TrackModel"
+    # The EOS threshold chosen on the validation subject, beside each model; recomputing it gives the same.
+    calibration = json.loads((exp / "best_model" / "eos_calibration.json").read_text())
+    assert 0 < calibration["threshold"] < 1 and calibration["subjects"] == ["sub-02"]
+    assert calibration["n_streamlines"] == 2 * 50 and 0 <= calibration["net_gain"] <= 1
+    assert ExperimentFolder(exp).read_eos_threshold(use_latest_epoch=False) == calibration["threshold"]
+    assert calibrate_experiment_eos(exp)["best_model"] == calibration
     logs = [f for name, f in LOG_FILES.items() if name != TRACKING_MONITOR]  # no generation-validation phase
     assert sorted(p.name for p in (exp / "logs").iterdir()) == sorted(logs)
     assert all(len(np.load(exp / "logs" / f)) == 6 for f in logs)
@@ -266,7 +274,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_hdf5, tmp_path):
     (("input", "streamlines"), ["--add_entropy_to_gauss", "0.5"], "add_entropy_to_gauss"),
     (("input", "streamlines"), ["--input_embedding_key", "cnn_embedding", "--nb_cnn_filters", "4",
                                 "--kernel_size", "2"], "grid"),
-    (("input", "streamlines"), ["--dg_key", "sphere-classification", "--add_eos", "--eos_weight", "2"],
+    (("input", "streamlines"), ["--dg_key", "sphere-classification", "--add_eos", "--eos_weight", "-2"],
      "eos_weight"),
     (("input", "streamlines"), ["--eos_weight", "2"], "--eos_weight needs --add_eos"),
     (("input", "streamlines"), ["--prev_dirs_embedding_key", "nn_embedding", "--prev_dirs_embedded_size", "8"],
@@ -516,3 +524,28 @@ def test_tracking_validation_phase_needs_a_mask_group(tiny_hdf5, tmp_path, capsy
     with pytest.raises(SystemExit):
         _train(l2t_main, tmp_path, "gv", tiny_hdf5, *GV_RECIPE[:-1], "no_such_group", "--max_epochs", "1")
     assert "no_such_group" in capsys.readouterr().err and not (tmp_path / "gv").exists()
+
+
+def test_eos_threshold_stops_streamlines_at_their_ends_and_cuts_few():
+    rng = np.random.default_rng(0)
+    # 40 streamlines: largest p(EOS) in their last points in [0.04, 0.2], inside below 0.03 but for 5 at 0.15
+    end_max = rng.uniform(0.04, 0.2, 40)
+    interior_max = rng.uniform(0, 0.03, 40)
+    interior_max[:5] = 0.15
+    record = best_first_stop_threshold(interior_max, end_max)
+    assert interior_max[5:].max() < record["threshold"] < end_max.min()  # cuts only the 5
+    assert record["recall"] == pytest.approx(35 / 40) and record["precision"] == pytest.approx(35 / 40)
+    # a per-point view would count each inner point; here one false stop anywhere cuts the streamline
+    values = np.array([0.0, 0.9, 0.1, 0.2, 0.3, 0.0, 0.0, 0.4])  # streamlines of 5 and 3 points
+    interior, end = _interior_and_end_maxima(values, np.array([5, 3]))
+    np.testing.assert_array_equal(interior, [0.9, 0.0])
+    np.testing.assert_array_equal(end, [0.3, 0.4])
+
+
+def test_no_validation_subject_no_calibration(training_only_hdf5, tmp_path, capsys):
+    exp = _train(l2t_main, tmp_path, "l2t", training_only_hdf5, *TINY_L2T, "--add_eos", "--max_epochs", "1",
+                 "--dg_key", "sphere-classification")
+    assert not (exp / "best_model" / "eos_calibration.json").exists()
+    assert "no EOS calibration" in capsys.readouterr().err
+    with pytest.raises(TrackflowError, match="eos_calibration.json"):
+        ExperimentFolder(exp).read_eos_threshold(use_latest_epoch=False)

@@ -3,8 +3,9 @@
     <experiments_path>/<experiment_name>/
       parameters_<dd-mm-YYYY_HHhMM>.json, parameters_latest.json
       best_epoch_losses.json
-      best_model/        parameters.json  model_type.txt  model_state.pkl
-      checkpoint/        checkpoint_state.pkl  model/{parameters.json, model_type.txt, model_state.pkl}
+      best_model/        parameters.json  model_type.txt  model_state.pkl  [eos_calibration.json]
+      checkpoint/        checkpoint_state.pkl  model/{parameters.json, model_type.txt, model_state.pkl,
+                                                     [eos_calibration.json]}
       logs/              <monitor>_per_epoch.npy, <monitor>_duration.npy
 
 A new experiment is trained in a temporary folder beside its final name (``ExperimentFolder.building``)
@@ -14,6 +15,10 @@ atomically (written under a temporary name, then renamed; ``checkpoint/`` as a w
 state together), so a run killed while saving leaves the previous checkpoint intact.
 ``checkpoint_state.pkl`` holds only tensors, numbers, strings, lists and dicts: it loads with
 ``torch.load(..., weights_only=True)``.
+
+``eos_calibration.json`` (the EOS threshold chosen on the validation subjects, ``--eos_stop auto``) lives in
+the model folder it was computed for: saving a new model there replaces the folder, so a threshold never
+outlives the weights it belongs to.
 """
 
 import contextlib
@@ -27,6 +32,8 @@ import torch
 from trackflow.errors import TrackflowError
 from trackflow.files import atomic_directory, atomic_output
 from trackflow.models.persistence import load_torch_file, save_model_dir
+
+EOS_CALIBRATION_FILE = "eos_calibration.json"
 
 # Trainer monitor name -> file name in logs/ (dwi_ml's names).
 LOG_FILES = {
@@ -104,6 +111,30 @@ class ExperimentFolder:
     def read_latest_parameters(self) -> dict:
         # Python's json reads dwi_ml's non-strict "Infinity" values too.
         return json.loads(self.latest_parameters_file.read_text())
+
+    # ------------------------------------------------------------------ EOS calibration
+    def model_dir(self, use_latest_epoch: bool) -> Path:
+        """``checkpoint/model/`` (latest epoch) or ``best_model/``."""
+        return self.checkpoint_model_dir if use_latest_epoch else self.best_model_dir
+
+    def write_eos_calibration(self, model_dir: Path, calibration: dict) -> None:
+        """Store ``calibration`` (with its ``threshold``) beside the model of ``model_dir``."""
+        with atomic_output(model_dir / EOS_CALIBRATION_FILE) as tmp:
+            tmp.write_text(json.dumps(calibration, indent=4, allow_nan=False))
+
+    def read_eos_threshold(self, use_latest_epoch: bool) -> float:
+        """The calibrated EOS threshold of the model ``use_latest_epoch`` selects; an error without one."""
+        path = self.model_dir(use_latest_epoch) / EOS_CALIBRATION_FILE
+        if not path.is_file():
+            raise TrackflowError(f"--eos_stop auto: {path} does not exist (the model was not calibrated: it has no "
+                                 "EOS output, no validation subject, or was trained before calibration existed)")
+        try:
+            threshold = json.loads(path.read_text())["threshold"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise TrackflowError(f"{path} holds no EOS 'threshold'") from None
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise TrackflowError(f"{path}: the EOS threshold must be a probability, got {threshold!r}")
+        return float(threshold)
 
     # ------------------------------------------------------------------ models and checkpoint
     def save_best_model(self, model, train_loss: float, valid_loss: float | None) -> None:

@@ -265,6 +265,8 @@ def tracking_options():
         )
     }
     options["discard_last_point"] = TRACKING["discard_last"]
+    # only prob reads it: det tracking keeps the same command (and is not rerun) whatever it says
+    options["prob_sampling"] = TRACKING["prob_sampling"] if TRACKING["algo"] == "prob" else None
     return " ".join(filter(None, [as_cli_options(options), device_options(TRACKING)]))
 
 

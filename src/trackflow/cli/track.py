@@ -11,11 +11,22 @@ from trackflow.cli.common import (add_ignored_dwi_ml_args, add_overwrite_arg, ad
                                   positive_float, positive_int, probability, run_cli, setup_logging,
                                   warn_ignored_dwi_ml_args)
 from trackflow.data.hdf5.reader import SUBSET_NAMES
-from trackflow.tracking.decoders import ALGOS
-from trackflow.tracking.run import TrackingOptions, track_from_experiment
+from trackflow.tracking.decoders import ALGOS, PROB_SAMPLINGS
+from trackflow.tracking.run import EOS_STOPS, TrackingOptions, track_from_experiment
 from trackflow.tracking.stopping import MASK_INTERPOLATIONS
 
 _POSITIONALS = ("experiment_path", "subj_id", "input_group", "out_tractogram", "seeding_mask_group")
+
+
+def eos_stop(text: str) -> float | str:
+    """``--eos_stop``: a probability, or one of ``EOS_STOPS``."""
+    if text in EOS_STOPS:
+        return text
+    try:
+        return probability(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1] or one of {', '.join(EOS_STOPS)}, "
+                                         f"got {text!r}") from None
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -56,8 +67,19 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                "it only the volume bounds (and EOS, angle, length) stop.")
     tracking.add_argument("--mask_interp", default=defaults.mask_interp, choices=MASK_INTERPOLATIONS,
                           help="Interpolation of the tracking mask. [%(default)s]")
-    tracking.add_argument("--eos_stop", type=probability,
-                          help="Stop when the EOS probability exceeds this [0.5 when the model has EOS].")
+    tracking.add_argument("--eos_stop", type=eos_stop,
+                          help="Stop when the EOS probability exceeds this probability; 'max': when EOS is the "
+                               "head's most likely outcome (classification: the argmax of all classes, EOS "
+                               "included; a separate sigmoid EOS output: p(EOS) > 0.5); 'auto': above the "
+                               "threshold calibrated on the validation subjects at the end of training (stored "
+                               "in the model folder; an error when there is none). [0.5 when the model has EOS]")
+    tracking.add_argument("--prob_sampling", default=defaults.prob_sampling, choices=PROB_SAMPLINGS,
+                          help="--algo prob: 'cone' samples the head's distribution restricted to the directions "
+                               "within --theta of the previous step and renormalised (the classical rule; "
+                               "gaussian and von Mises-Fisher heads: the first of 16 draws inside the cone, "
+                               "else an angle stop); 'full' samples the whole distribution, as dwi_ml, and a "
+                               "draw beyond --theta ends the streamline. A seed's first step samples the whole "
+                               "distribution either way. [%(default)s]")
     tracking.add_argument("--discard_last_point", "--discard_last", action="store_true",
                           help="Keep only points inside the tracking mask [off: the first point outside is "
                                "kept, as dipy and scilpy].")

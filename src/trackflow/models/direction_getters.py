@@ -34,6 +34,8 @@ DEFAULT_SPHERE = "symmetric724"
 MAX_KAPPA = 20.0  # dwi_ml's fisher kappa = 20 * sigmoid(raw)
 _MIN_KAPPA = 1e-6  # keeps log(kappa) and the vMF normaliser finite when sigmoid underflows
 _LOG_2PI = math.log(2 * math.pi)
+# Draws per step of the bounded rejection sampling inside the theta cone (``DirectionGetter.sample_in_cone``).
+CONE_CANDIDATES = 16
 
 
 def _two_layer_mlp(in_size: int, out_size: int) -> nn.ModuleList:
@@ -200,6 +202,38 @@ class DirectionGetter(nn.Module):
             return None
         return torch.sigmoid(raw[:, -1])
 
+    def eos_is_most_likely(self, raw: torch.Tensor) -> torch.Tensor | None:
+        """[N] bool: ending is the most likely outcome here; None without EOS. With a separate sigmoid
+        output the alternatives are 'end' and 'go on', so this is p(EOS) > 0.5 (a zero logit: no end)."""
+        if not self.add_eos:
+            return None
+        return raw[:, -1] > 0
+
+    @property
+    def n_cone_uniforms(self) -> int:
+        """Uniforms per row of ``sample_in_cone``: one set per candidate."""
+        return CONE_CANDIDATES * self.n_uniforms
+
+    def sample_in_cone(self, raw: torch.Tensor, u: torch.Tensor, previous: torch.Tensor,
+                       cos_theta: float) -> torch.Tensor:
+        """Direction [N, 3] drawn from the head's distribution restricted to the cone of directions within
+        theta of ``previous`` [N, 3] (unit), i.e. cosine >= ``cos_theta``; u [N, n_cone_uniforms].
+
+        Bounded rejection: ``CONE_CANDIDATES`` independent draws (candidate c uses the uniforms
+        ``u[:, c * n_uniforms : (c + 1) * n_uniforms]``), the first one inside the cone is returned: an exact
+        draw from the restricted distribution whenever one candidate is inside. When none is, the candidate
+        closest to ``previous`` is returned; it is outside the cone, so the tracker stops the streamline
+        there (an angle stop: the distribution has (almost) no mass left in the cone).
+        """
+        n, k = raw.shape[0], self.n_uniforms
+        candidates = self.sample_from_uniforms(raw.repeat_interleave(CONE_CANDIDATES, dim=0),
+                                               u.reshape(n * CONE_CANDIDATES, k)).reshape(n, CONE_CANDIDATES, 3)
+        cosine = torch.nan_to_num(F.cosine_similarity(candidates, previous[:, None, :], dim=-1), nan=-2.0)
+        inside = cosine >= cos_theta  # [N, C]
+        # first candidate inside, else the closest one
+        choice = torch.where(inside.any(dim=1), inside.to(torch.int8).argmax(dim=1), cosine.argmax(dim=1))
+        return candidates[torch.arange(n, device=raw.device), choice]
+
     def _extra_args(self) -> dict:
         return {}
 
@@ -285,9 +319,12 @@ class SphereClassificationDirectionGetter(DirectionGetter):
     """Classification over the vertices of dipy's ``symmetric724`` sphere (file order = class index).
 
     Raw [N, V (+1)]: logits of the V vertex classes, then the EOS class. Loss: cross-entropy against
-    the vertex of maximal cosine with the target; EOS is one more class of the same softmax, so
-    ``eos_weight`` must be 1. Deterministic: the argmax vertex; sampling: a vertex drawn from the
-    softmax (1 uniform, inverse CDF). Both choose among the V vertices only.
+    the vertex of maximal cosine with the target; EOS is one more class of the same softmax, and
+    ``eos_weight`` weighs the loss of the rows whose target is EOS (a class weight against the imbalance
+    of one end per streamline; dwi_ml refuses any value but 1, which is the same loss as here).
+    Deterministic: the argmax vertex; sampling: a vertex drawn from the softmax (1 uniform, inverse CDF),
+    within the theta cone: the same draw among the vertices inside the cone only. All choose among the V
+    vertices only.
     ``vertices`` [V, 3] float32 is a non-persistent buffer (rebuilt from dipy, not in the state dict).
     """
 
@@ -297,8 +334,6 @@ class SphereClassificationDirectionGetter(DirectionGetter):
     def __init__(self, in_size: int, dropout: float = 0.0, add_eos: bool = False, eos_weight: float = 1.0,
                  sphere: str = DEFAULT_SPHERE):
         super().__init__(in_size, dropout, add_eos, eos_weight)
-        if self.add_eos and self.eos_weight != 1.0:
-            raise TrackflowError(f"--eos_weight must be 1 with {self.key}: EOS is one more class of the softmax.")
         try:
             vertices = get_sphere(name=sphere).vertices
         except Exception as error:
@@ -320,7 +355,9 @@ class SphereClassificationDirectionGetter(DirectionGetter):
         safe_targets = self._placeholder_on_eos(target_dirs, is_eos)
         loss = self._class_loss(raw, safe_targets, is_eos)
         if not self.add_eos:
-            loss = torch.where(is_eos, torch.zeros_like(loss), loss)
+            return torch.where(is_eos, torch.zeros_like(loss), loss)
+        if self.eos_weight != 1.0:  # the unweighted loss stays bit-identical
+            loss = torch.where(is_eos, self.eos_weight * loss, loss)
         return loss
 
     def _class_loss(self, raw, target_dirs, is_eos):
@@ -335,10 +372,26 @@ class SphereClassificationDirectionGetter(DirectionGetter):
     def sample_from_uniforms(self, raw, u):
         return self.vertices[_sample_categorical(raw[:, :self.nb_vertices], u[:, 0])]
 
+    n_cone_uniforms = 1
+
+    def sample_in_cone(self, raw, u, previous, cos_theta):
+        """Exact: the vertices outside the cone get probability 0, the rest is renormalised, one uniform.
+        A row with no vertex in the cone draws from all of them, so the tracker's angle test stops it."""
+        inside = (previous.to(self.vertices.dtype) @ self.vertices.T) >= cos_theta  # [N, V]
+        inside |= ~inside.any(dim=1, keepdim=True)
+        logits = raw[:, :self.nb_vertices].masked_fill(~inside, -math.inf)
+        return self.vertices[_sample_categorical(logits, u[:, 0])]
+
     def eos_probability(self, raw):
         if not self.add_eos:
             return None
         return torch.softmax(raw, dim=-1)[:, -1]
+
+    def eos_is_most_likely(self, raw):
+        """EOS is the argmax of all V + 1 classes (ties: a direction wins)."""
+        if not self.add_eos:
+            return None
+        return raw[:, -1] > raw[:, :self.nb_vertices].max(dim=-1).values
 
     def _extra_args(self) -> dict:
         # dwi_ml never writes the sphere; only a non-default one needs recording.

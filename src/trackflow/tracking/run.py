@@ -24,14 +24,17 @@ from trackflow.files import check_outputs
 from trackflow.models.persistence import load_experiment_model
 from trackflow.models.registry import check_model_family
 from trackflow.data.tractograms import check_tractogram_path, save_tractogram_file
-from trackflow.tracking.decoders import make_direction_decoder
+from trackflow.tracking.decoders import PROB_SAMPLINGS, make_direction_decoder
 from trackflow.tracking.filtering import FilteredTractogram, filter_streamlines
 from trackflow.tracking.parallel import available_cpus, track_in_processes
 from trackflow.tracking.seeds import SeedGenerator, check_seed_counts, count_seeds
 from trackflow.tracking.stopping import MaskStoppingCriterion, VolumeStoppingCriterion
-from trackflow.tracking.tracker import StopReason, Tracker, TrackingParameters, TrackingResult
+from trackflow.tracking.tracker import EOS_MAX, StopReason, Tracker, TrackingParameters, TrackingResult
 
 LOGGER = logging.getLogger(__name__)
+
+EOS_AUTO = "auto"
+EOS_STOPS = (EOS_MAX, EOS_AUTO)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,10 @@ class TrackingOptions:
     only); use_latest_epoch: checkpoint/model/ instead of best_model/; algo: one of ``decoders.ALGOS``;
     step_size [the model's]; theta: largest turn between steps; min_length, max_length: kept lengths (both halves);
     tracking_mask_group: volume group where tracking may go (value >= 0.5), else only the volume bounds;
-    mask_interp: its interpolation; eos_stop: EOS probability threshold [0.5 with EOS]; discard_last_point:
+    mask_interp: its interpolation; eos_stop: EOS rule, one of ``EOS_STOPS`` ('max': stop where EOS is the
+    head's most likely outcome; 'auto': the threshold calibrated on the validation subjects, stored in the
+    experiment) or a probability threshold [0.5 with EOS]; prob_sampling: one of ``decoders.PROB_SAMPLINGS``,
+    within the theta cone or from the whole distribution ['cone']; discard_last_point:
     drop the first point outside the mask; track_forward_only: skip the backward half; npv / nt: seeds per
     seeding voxel [1] / in total; rng_seed [random, logged]; compress_th: compression tolerance [none];
     save_seeds: store seeds per streamline; use_gpu; simultaneous_tracking: slots of the batched tracker;
@@ -61,7 +67,8 @@ class TrackingOptions:
     max_length: float = 300.0
     tracking_mask_group: str | None = None
     mask_interp: str = "nearest"
-    eos_stop: float | None = None
+    eos_stop: float | str | None = None
+    prob_sampling: str = "cone"
     discard_last_point: bool = False
     track_forward_only: bool = False
     npv: int | None = None
@@ -86,8 +93,15 @@ class TrackingOptions:
             raise TrackflowError(f"--max_length must be positive, got {self.max_length}")
         if self.min_length < 0 or self.min_length > self.max_length:
             raise TrackflowError(f"--min_length must be in [0, --max_length], got {self.min_length}")
-        if self.eos_stop is not None and not 0 <= self.eos_stop <= 1:
+        if isinstance(self.eos_stop, str):
+            if self.eos_stop not in EOS_STOPS:
+                raise TrackflowError(f"--eos_stop must be a probability or one of {', '.join(EOS_STOPS)}, "
+                                     f"got {self.eos_stop!r}")
+        elif self.eos_stop is not None and not 0 <= self.eos_stop <= 1:
             raise TrackflowError(f"--eos_stop must be in [0, 1], got {self.eos_stop}")
+        if self.prob_sampling not in PROB_SAMPLINGS:
+            raise TrackflowError(f"--prob_sampling must be one of {', '.join(PROB_SAMPLINGS)}, "
+                                 f"got {self.prob_sampling!r}")
         check_seed_counts(self.npv, self.nt)
         if self.compress_th is not None and not self.compress_th > 0:
             raise TrackflowError(f"--compress must be positive, got {self.compress_th}")
@@ -213,20 +227,36 @@ def _read_mask(cohort: HDF5Cohort, subj_id: str, group: str, role: str) -> np.nd
     return data[..., 0]
 
 
+def eos_threshold(options: TrackingOptions, experiment_path, model) -> float | str | None:
+    """The tracker's EOS rule: ``--eos_stop`` with 'auto' replaced by the experiment's calibrated threshold
+    (an error when it has none); None (no EOS stop) for a model without EOS."""
+    if not getattr(model.direction_getter, "add_eos", False):
+        if options.eos_stop is not None:
+            LOGGER.warning("--eos_stop given but the model has no EOS output: ignored")
+        return None
+    if options.eos_stop == EOS_AUTO:
+        threshold = ExperimentFolder(experiment_path).read_eos_threshold(options.use_latest_epoch)
+        LOGGER.info("--eos_stop auto: calibrated EOS threshold %.4g", threshold)
+        return threshold
+    return 0.5 if options.eos_stop is None else options.eos_stop
+
+
 def build_tracker(model, inputs: SubjectInputs, options: TrackingOptions, step_mm: float, rng_seed: int,
-                  device) -> Tracker:
-    """The batched tracker of this run, its volume, criterion and seeds on ``device``."""
+                  device, eos_rule: float | str | None = 0.5) -> Tracker:
+    """The batched tracker of this run, its volume, criterion and seeds on ``device``; ``eos_rule`` from
+    ``eos_threshold``."""
     volume_tensor = torch.as_tensor(inputs.volume.data, device=device)
     criterion = (MaskStoppingCriterion(torch.as_tensor(inputs.tracking_mask, device=device), options.mask_interp)
                  if inputs.tracking_mask is not None else VolumeStoppingCriterion(inputs.volume.data.shape))
     params = TrackingParameters(step_size_vox=step_mm / inputs.voxel_mm,
                                 max_points=max_points_for(options.max_length, step_mm),
                                 theta_deg=options.theta,
-                                eos_threshold=0.5 if options.eos_stop is None else options.eos_stop,
+                                eos_threshold=eos_rule,
                                 track_forward_only=options.track_forward_only,
                                 discard_last_point=options.discard_last_point,
                                 n_slots=options.simultaneous_tracking)
-    decoder = make_direction_decoder(options.algo, model.direction_getter, rng_seed)
+    decoder = make_direction_decoder(options.algo, model.direction_getter, rng_seed, options.prob_sampling,
+                                     options.theta)
     return Tracker(model, volume_tensor, criterion, SeedGenerator(inputs.seeding_mask, rng_seed, device), decoder,
                    params)
 
@@ -288,8 +318,7 @@ def track_from_experiment(model_family: str, experiment_path, subj_id: str, inpu
     check_max_length(options.max_length, step_mm, getattr(model, "max_len", None))
     inputs = read_subject_inputs(hdf5_path, subj_id, input_group, seeding_mask_group, options,
                                  model.nb_features)
-    if options.eos_stop is not None and not getattr(model.direction_getter, "add_eos", False):
-        LOGGER.warning("--eos_stop given but the model has no EOS output: ignored")
+    eos_rule = eos_threshold(options, experiment_path, model)
     n_seeds = count_seeds(inputs.seeding_mask, options.npv, options.nt)
     if n_seeds == 0:
         raise TrackflowError(f"the seeding mask group '{seeding_mask_group}' is empty (no voxel > 0)")
@@ -298,7 +327,7 @@ def track_from_experiment(model_family: str, experiment_path, subj_id: str, inpu
     if rng_seed is None:
         rng_seed = secrets.randbits(62)
         LOGGER.info("no --rng_seed given: using %d", rng_seed)
-    tracker = build_tracker(model, inputs, options, step_mm, rng_seed, device)
+    tracker = build_tracker(model, inputs, options, step_mm, rng_seed, device, eos_rule)
     processes = process_count(options, device)
     # In a log (no progress bar there) this line says that tracking has started.
     LOGGER.info("tracking seeds %d..%d of %s with %s (%s, %d in flight, %d process%s)", start, end - 1, subj_id,

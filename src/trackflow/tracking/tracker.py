@@ -17,11 +17,12 @@ finished forward halves around (reversed in place, seed last, the model state re
 the next seeds.
 
 Rules (spec §6.4, with dwi_ml's defects fixed): a new point is refused when the head gives no finite
-direction, when EOS is above the threshold, or when the turn exceeds theta; otherwise it is appended, even
-outside the mask (the first point outside is kept) unless ``discard_last_point``; the total over both halves
+direction, when the EOS rule says 'end' (probability above the threshold, or EOS most likely), or when
+the turn exceeds theta; otherwise it is appended, even outside the mask (the first point outside is kept) unless ``discard_last_point``; the total over both halves
 never exceeds ``max_points``. A seed whose first forward step failed still gets its backward half, whose
 first step is forced along the opposite of that refused first direction. The sampled decoder's randomness is
-keyed by seed index and step count, so results do not depend on the slot count.
+keyed by seed index and step count, so results do not depend on the slot count; it gets each row's previous
+step to sample within the theta cone.
 """
 
 import enum
@@ -35,6 +36,9 @@ from trackflow.data.streamlines import gather_ragged, offsets_from_lengths
 from trackflow.errors import TrackflowError
 from trackflow.tracking.stopping import StreamlineStatus
 
+
+
+EOS_MAX = "max"  # the EOS rule 'stop where ending is the most likely outcome'
 
 
 class StopReason(enum.IntEnum):
@@ -56,15 +60,16 @@ class TrackingParameters:
 
     step_size_vox: step in voxels; max_points: most points of a whole streamline (both halves);
     theta_deg: largest angle between consecutive steps; eos_threshold: stop when the head's EOS probability
-    is above it (None: never); discard_last_point: keep only points inside the tracking criterion; n_slots:
-    streamlines tracked at once; check_every: steps between host checks. How directions are decoded (det or
-    prob, and the seed of the sampling) is the decoder's business (``decoders.py``).
+    is above it, or ``EOS_MAX`` ('max'): when EOS is the head's most likely outcome
+    (``head.eos_is_most_likely``), or None: never; discard_last_point: keep only points inside the tracking
+    criterion; n_slots: streamlines tracked at once; check_every: steps between host checks. How directions
+    are decoded (det or prob, and the seed of the sampling) is the decoder's business (``decoders.py``).
     """
 
     step_size_vox: float
     max_points: int
     theta_deg: float = 90.0
-    eos_threshold: float | None = None
+    eos_threshold: float | str | None = None
     track_forward_only: bool = False
     discard_last_point: bool = False
     n_slots: int = 1000
@@ -77,6 +82,10 @@ class TrackingParameters:
             raise TrackflowError("the maximum length allows no step; raise --max_length")
         if self.n_slots < 1:
             raise TrackflowError(f"--simultaneous_tracking must be at least 1, got {self.n_slots}")
+        if not (self.eos_threshold is None or self.eos_threshold == EOS_MAX
+                or (not isinstance(self.eos_threshold, str) and 0 <= self.eos_threshold <= 1)):
+            raise TrackflowError(f"the EOS stop must be a probability in [0, 1] or {EOS_MAX!r}, "
+                                 f"got {self.eos_threshold!r}")
         if self.check_every < 1:
             raise TrackflowError(f"check_every (steps between host checks) must be at least 1, "
                                  f"got {self.check_every}")
@@ -205,7 +214,8 @@ class Tracker:
         Model input volume, on the tracking device.
     stopping_criterion : object with ``check_points(points[B, 3]) -> int8[B]`` (``StreamlineStatus``)
     seed_generator : object with ``positions(seed_indices[B]) -> [B, 3]``
-    decoder : object with ``directions(raw[B, K], seed_indices[B], step_counts[B]) -> [B, 3]``
+    decoder : object with ``directions(raw[B, K], seed_indices[B], step_counts[B], previous[B, 3],
+        has_previous[B]) -> [B, 3]`` (previous: the unit step the new one must not turn too sharply from)
         From ``decoders.make_direction_decoder``.
     params : TrackingParameters
     """
@@ -264,7 +274,8 @@ class Tracker:
         window = self._last_points(model_rows, model_lengths)  # [B, W, 3]
         raw = self.model.tracking_step(self.model_state, model_rows, window, model_lengths)
 
-        direction = self.decoder.directions(raw, s.seed_index[rows], s.step_counter[rows])
+        direction = self.decoder.directions(raw, s.seed_index[rows], s.step_counter[rows], s.prev_dir[rows],
+                                            s.has_prev[rows])
         direction = direction.to(torch.float32)
         norm = direction.norm(dim=1)
         no_direction = ~(norm > 1e-12) | ~torch.isfinite(norm)  # NaN norms fail both tests
@@ -276,16 +287,23 @@ class Tracker:
         unit = torch.where(forced[:, None], s.prev_dir[rows], unit)
         no_direction &= ~forced
 
-        eos = torch.zeros_like(no_direction)
-        if p.eos_threshold is not None:
-            eos_probability = self.head.eos_probability(raw)
-            if eos_probability is not None:
-                eos = (eos_probability > p.eos_threshold) & ~forced
+        eos = self._eos(raw)
+        eos = torch.zeros_like(no_direction) if eos is None else eos & ~forced
         cosine = (unit * s.prev_dir[rows]).sum(dim=1)
         too_sharp = s.has_prev[rows] & (cosine < self.cos_theta) & ~no_direction
         valid = ~no_direction & ~eos & ~too_sharp
         last = window[torch.arange(len(rows), device=rows.device), model_lengths.clamp(max=self.window) - 1]
         return StepProposal(row_active, last, unit, no_direction, eos, too_sharp, valid)
+
+    def _eos(self, raw: torch.Tensor) -> torch.Tensor | None:
+        """bool [B]: the head says 'end here' under the EOS rule; None without a rule or an EOS output."""
+        threshold = self.params.eos_threshold
+        if threshold is None:
+            return None
+        if threshold == EOS_MAX:
+            return self.head.eos_is_most_likely(raw)
+        probability = self.head.eos_probability(raw)
+        return None if probability is None else probability > threshold
 
     def _last_points(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The model's window: the last ``min(lengths[b], W)`` points of each row first, [B, W, 3] (the

@@ -3,7 +3,8 @@
 ``train_new_experiment`` checks every input, builds the model, then trains; ``resume_experiment``
 continues from ``checkpoint/``. Per epoch: set the learning rate, train, validate (no grad, no noise, no
 augmentation), keep the best model by validation loss (training loss when there is no validation subset),
-save the logs and the checkpoint, stop on patience or ``max_epochs``.
+save the logs and the checkpoint, stop on patience or ``max_epochs``; at the end, with EOS, store the EOS
+threshold chosen on the validation subjects beside the best and the latest model (``eos_calibration``).
 
 Reproducibility: the model is initialised after ``torch.manual_seed(rng)``; the samplers and the loader
 own generators seeded from ``rng``; the checkpoint stores every RNG state (global torch RNG for dropout,
@@ -30,6 +31,7 @@ from trackflow.models.persistence import load_model_dir
 from trackflow.models.registry import check_model_family, model_class
 from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData, cohort_preprocessing
 from trackflow.training.batch_sampler import BatchSampler, SamplerParams
+from trackflow.training.eos_calibration import calibrate_eos
 
 LOGGER = logging.getLogger(__name__)
 
@@ -349,6 +351,29 @@ class Trainer:
                 bar.update()
         return total_loss / total_rows
 
+    def calibrate_eos(self) -> None:
+        """After training: store the EOS threshold of the best and of the latest model, chosen on the
+        validation subjects (``eos_calibration``; read by ``--eos_stop auto``)."""
+        if not self.model.direction_getter.add_eos:
+            return
+        if self.validation_data is None:
+            LOGGER.warning("no validation subject: no EOS calibration (--eos_stop auto will refuse this model)")
+            return
+        latest_is_best = self.best["epoch"] == self.completed_epochs - 1
+        models = {self.folder.checkpoint_model_dir: self.model}
+        if not latest_is_best:
+            models[self.folder.best_model_dir] = load_model_dir(self.folder.best_model_dir, self.device)
+        subjects = self.cohort.subjects("validation")
+        for model_dir, model in models.items():
+            record = calibrate_eos(model, self.loader, self.validation_data, subjects)
+            LOGGER.info("EOS calibration of %s: threshold %.4g stops %.0f%% of the validation streamlines at their "
+                        "end and cuts %.0f%% of those it stops before ('max' rule: %.0f%%, %.0f%%)", model_dir.name,
+                        record["threshold"], 100 * record["recall"], 100 * (1 - record["precision"]),
+                        100 * record["max_rule_recall"], 100 * (1 - record["max_rule_precision"]))
+            self.folder.write_eos_calibration(model_dir, record)
+            if latest_is_best:
+                self.folder.write_eos_calibration(self.folder.best_model_dir, record)
+
     def _batch_loss(self, data: SubsetData, sampled, training: bool):
         """Mean per-row loss of one batch and its number of rows."""
         batch = self.loader.load(data, sampled, training)
@@ -429,6 +454,7 @@ def train_new_experiment(experiments_path, experiment_name: str, hdf5_file, inpu
                              training_sampler, validation_sampler, loader, trainer, data, device, validator)
             new_folder.write_parameters(runner.run_parameters())
             runner.run()
+            runner.calibrate_eos()
     return folder
 
 
@@ -506,4 +532,35 @@ def resume_experiment(model_family: str, experiments_path, experiment_name: str,
         folder.write_parameters(runner.run_parameters())
         LOGGER.info("resuming %s after epoch %d", folder.path, completed)
         runner.run()
+        runner.calibrate_eos()
     return folder
+
+
+def calibrate_experiment_eos(experiment_path, hdf5_file=None, use_gpu: bool = False) -> dict:
+    """(Re)compute the EOS calibration of an existing experiment's best and latest models on the validation
+    subjects of its hdf5 (or ``hdf5_file``), as the end of training does; returns model folder (relative to
+    the experiment) -> record."""
+    folder = ExperimentFolder(experiment_path)
+    if not folder.latest_parameters_file.is_file():
+        raise TrackflowError(f"{folder.path} is not an experiment (missing {folder.latest_parameters_file})")
+    parameters = folder.read_latest_parameters()
+    device = select_device(use_gpu)
+    records = {}
+    with HDF5Cohort(hdf5_file if hdf5_file is not None else parameters["hdf5 file"]) as cohort:
+        input_group, streamline_group = parameters["Input group"], parameters["Streamline group"]
+        _check_groups(cohort, input_group, streamline_group)
+        subjects = cohort.subjects("validation")
+        if not subjects:
+            raise TrackflowError(f"{cohort.path} has no validation subject to calibrate the EOS threshold on")
+        data = SubsetData(cohort, subjects, input_group, streamline_group, device)
+        for model_dir in (folder.best_model_dir, folder.checkpoint_model_dir):
+            if not model_dir.is_dir():
+                continue
+            model = load_model_dir(model_dir, device)
+            if not model.direction_getter.add_eos:
+                raise TrackflowError(f"the model of {model_dir} has no EOS output: nothing to calibrate")
+            loader = BatchLoader(LoaderParams(), model.preprocessing, cohort_preprocessing(cohort), 0, device)
+            record = calibrate_eos(model, loader, data, subjects)
+            folder.write_eos_calibration(model_dir, record)
+            records[str(model_dir.relative_to(folder.path))] = record
+    return records
