@@ -83,8 +83,7 @@ def probability(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r} "
-                                         "('max' is not supported)") from None
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {value}")
     return value
