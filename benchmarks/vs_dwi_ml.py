@@ -68,6 +68,7 @@ class Run:
     tool: str
     model: str
     seeds: int
+    step_mm: float
     in_flight: str
     wall_s: float
     kept: int
@@ -184,7 +185,7 @@ def track(tool: str, bin_dir: Path, kind: str, experiment: Path, hdf5: Path, wor
                "--hdf5_file", hdf5, *tracking_options(seeds, step_mm), *slots]
     wall, rss = run_measured(command, work / "tractograms" / f"{name}.log")
     kept, mean_length = tractogram_stats(out)
-    run = Run(tool, kind, seeds, label, wall, kept, mean_length, rss)
+    run = Run(tool, kind, seeds, step_mm or TRAINING_STEP_MM, label, wall, kept, mean_length, rss)
     print(f"  {tool:<9} {kind:<3} {seeds:>7} seeds, {label:>10} in flight: {wall:7.2f} s", flush=True)
     return run
 
@@ -202,7 +203,7 @@ def track_mrtrix(work: Path, fodf: Path, seeds: int, step_mm: float) -> Run:
     wall, rss = run_measured(command, work / "tractograms" / f"mrtrix_sd_stream_{seeds}.log")
     kept, mean_length = tractogram_stats(out)
     print(f"  {'tckgen':<9} {'SD_Stream':<9} {seeds:>7} seeds: {wall:7.2f} s", flush=True)
-    return Run("MRtrix3", "SD_Stream", seeds, "2 threads", wall, kept, mean_length, rss)
+    return Run("MRtrix3", "SD_Stream", seeds, step_mm, f"{THREADS} threads", wall, kept, mean_length, rss)
 
 
 # ------------------------------------------------------------------------------------------ arithmetic rate
@@ -261,21 +262,22 @@ def matmul_peak_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
 # ------------------------------------------------------------------------------------------------ report
 
 def print_table(runs: list) -> None:
-    print(f"\n{'tool':<10} {'model':<9} {'seeds':>7} {'in flight':>10} {'wall s':>8} {'seeds/s':>8} "
-          f"{'kept':>7} {'mean mm':>8} {'peak RSS MB':>11}")
+    print(f"\n{'tool':<10} {'model':<9} {'seeds':>7} {'step mm':>7} {'in flight':>10} {'wall s':>8} "
+          f"{'seeds/s':>8} {'kept':>7} {'mean mm':>8} {'peak RSS MB':>11}")
     for r in runs:
-        print(f"{r.tool:<10} {r.model:<9} {r.seeds:>7} {r.in_flight:>10} {r.wall_s:8.2f} {r.seeds_per_s:8.0f} "
-              f"{r.kept:>7} {r.mean_length_mm:8.1f} {r.peak_rss_mb:11.0f}")
+        print(f"{r.tool:<10} {r.model:<9} {r.seeds:>7} {r.step_mm:>7g} {r.in_flight:>10} {r.wall_s:8.2f} "
+              f"{r.seeds_per_s:8.0f} {r.kept:>7} {r.mean_length_mm:8.1f} {r.peak_rss_mb:11.0f}")
 
 
 def print_ratios(runs: list) -> None:
     print("\nratios (seeds/s, whole process):")
     for ours in (r for r in runs if r.tool == "trackflow"):
         for peer in runs:
-            if (peer.seeds, peer.model) == (ours.seeds, ours.model) and peer.tool == "dwi_ml":
+            same_run = (peer.seeds, peer.step_mm) == (ours.seeds, ours.step_mm)
+            if same_run and peer.model == ours.model and peer.tool == "dwi_ml":
                 print(f"  trackflow / dwi_ml  {ours.model:<3} {ours.seeds:>7} seeds, dwi_ml at {peer.in_flight:>5} "
                       f"in flight: {ours.seeds_per_s / peer.seeds_per_s:5.1f}x")
-            if peer.seeds == ours.seeds and peer.tool == "MRtrix3":
+            if same_run and peer.tool == "MRtrix3":
                 print(f"  trackflow {ours.model} vs MRtrix3 SD_Stream, {ours.seeds} seeds: wall "
                       f"{ours.wall_s:.2f} s against {peer.wall_s:.2f} s ({ours.wall_s / peer.wall_s:.1f}x slower)")
 
