@@ -1,14 +1,22 @@
-"""Tracking quality: Learn2track and a TractoTransformer beside scilpy's classical local tracking, scored
-against the demo cohort's ground truth (Tractometer metrics of ``trackflow.evaluation.tractometer``).
+"""Tracking quality: Learn2track and a TractoTransformer beside classical tracking (scilpy's local tracking,
+MRtrix3's iFOD2 and SD_STREAM), scored against the demo cohort's ground truth (Tractometer metrics of
+``trackflow.evaluation.tractometer``).
 
 Steps: make (or reuse) a demo cohort and its hdf5; train the default demo models with ``l2t_train_model``
 and ``tt_train_model`` side by side (or reuse experiment folders); track the held-out (testing) subject with
 ``l2t_track_from_model`` and ``tt_track_from_model`` (det, and prob when the head samples) and with
-``scil_tracking_local`` (prob and det on the fODF, basis ``descoteaux07``). Every tracker gets the same
+``scil_tracking_local`` (prob and det on the fODF, basis ``descoteaux07``) and with MRtrix3's ``tckgen``
+(iFOD2 and SD_STREAM on the fODF converted to ``tournier07``, ``-nthreads 2``). Every tracker gets the same
 seeds, tracking mask (the WM mask), step size, angle and length limits: the learned trackers draw their
-seeds from the interface mask with ``--nt`` and ``--rng_seed``; the baseline is given that very list
-through ``--in_custom_seeds`` (``trackflow.tracking.classical.seeds_from_mask``), and the benchmark checks
-that the seeds the learned trackers saved belong to it.
+seeds from the interface mask with ``--nt`` and ``--rng_seed``; the baselines are given that very list
+(scilpy through ``--in_custom_seeds``, tckgen as one seeder per seed: ``trackflow.tracking.classical``),
+and the benchmark checks that the seeds the learned trackers saved belong to it. With several
+``--training_seeds`` each learned row is the mean +- standard deviation over the models trained with them.
+
+``--geometry varied`` asks for generalisation instead: a varied-geometry cohort (every subject its own
+geometry and in-plane pose: ``trackflow_make_demo --training_poses ...``), models trained on its training
+subjects, and one table per tracked subject (every testing subject, whose geometry no model saw, and the
+first training subject for reference) plus the mean over the testing subjects (VB: the worst subject).
 
 Prints one table (rows: trackers; columns: streamlines kept, VB/bundles, IB, VS %, IS %, NC %, OL, OR, F1,
 tracking wall time, seeds per second) and writes it to ``<out>/quality.tsv`` and, with the per-bundle
@@ -20,6 +28,7 @@ one CPU thread (scilpy's tracking is single-threaded); each learned tracker's ow
     python benchmarks/quality.py --out quality                   # default recipe (see DEFAULT_* below)
     python benchmarks/quality.py --out quality_quick --quick     # smoke run: tiny cohort, 2 epochs
     python benchmarks/quality.py --out quality --cohort demo --l2t_experiment exps/l2t --tt_experiment exps/tt
+    python benchmarks/quality.py --out quality_varied --geometry varied --training_seeds 1234 1 2
 """
 
 import argparse
@@ -41,7 +50,8 @@ from trackflow.data.demo import (DEFAULT_SHAPE, DEFAULT_STREAMLINES_PER_BUNDLE, 
                                  make_demo_cohort)
 from trackflow.data.hdf5.creation import create_hdf5_dataset, read_subject_list
 from trackflow.models.persistence import load_experiment_model
-from trackflow.tracking.classical import run_scilpy_local_tracking, seeds_from_mask
+from trackflow.tracking.classical import (MRTRIX_ALGOS, run_mrtrix_tracking, run_scilpy_local_tracking,
+                                          seeds_from_mask)
 from trackflow.evaluation.tractometer import load_ground_truth, score_streamlines, score_tractogram_file
 
 LOGGER = logging.getLogger("quality")
@@ -58,7 +68,7 @@ COMMON_TRAINING = [
     "--input_embedding_key", "nn_embedding", "--input_embedded_size", "64",
     "--dg_key", "sphere-classification", "--add_eos",
     "--noise_gaussian_size_forward", "0.1", "--reverse_ratio", "0.5",
-    "--batch_size_validation", "100", "--max_batches_per_epoch_validation", "5", "--rng", "1234"]
+    "--batch_size_validation", "100", "--max_batches_per_epoch_validation", "5"]
 L2T_RECIPE = ["--rnn_key", "gru", "--rnn_layer_sizes", "128", "128", "--nb_previous_dirs", "2",
               "--normalize_prev_dirs", "--learning_rate", "0.001"]
 # A small encoder-only transformer: one stack instead of TTO's two halves the cost on 2 CPU cores.
@@ -67,6 +77,10 @@ TT_RECIPE = ["--model", "TTS", "--nheads", "4", "--n_layers_e", "2", "--ffnn_hid
 
 QUICK_DEFAULTS = dict(n_subjects=3, streamlines_per_bundle=30, shape=list(TINY_SHAPE), epochs=2,
                       batches_per_epoch=5, nt=300)
+# Varied geometry as in issue 13's held-out phantom: training poses +1..+9 degrees, a test pose inside that
+# range and one outside it.
+VARIED_POSES = {"training": [1.0, 3.0, 7.0, 9.0], "validation": [5.0], "testing": [6.0, -11.0]}
+MRTRIX_THREADS = 2
 
 ONE_THREAD_ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 
@@ -90,10 +104,20 @@ def build_parser():
                       help="Ground-truth streamlines per bundle of a new cohort. [%(default)s]")
     data.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE),
                       help="Volume shape of a new cohort. [%(default)s]")
-    data.add_argument("--subject", help="Subject to track [the first testing subject].")
+    data.add_argument("--subject", help="Subject to track [the first testing subject; with --geometry varied, "
+                                        "every testing subject and the first training subject].")
+    data.add_argument("--geometry", choices=("classic", "varied"), default="classic",
+                      help="classic: the demo, whose subjects share one geometry; varied: every subject its "
+                           "own geometry and pose (see --*_poses; --n_subjects is then unused). [%(default)s]")
+    for subset, poses in VARIED_POSES.items():
+        data.add_argument(f"--{subset}_poses", type=float, nargs="+", default=poses, metavar="DEG",
+                          help=f"Poses (degrees) of the {subset} subjects of a varied cohort. [%(default)s]")
     train = p.add_argument_group("Training (skipped for reused experiments)")
     train.add_argument("--l2t_experiment", help="Trained Learn2track experiment folder to reuse.")
     train.add_argument("--tt_experiment", help="Trained TractoTransformer experiment folder to reuse.")
+    train.add_argument("--training_seeds", type=int, nargs="+", default=[1234],
+                       help="Train each model once per seed (--rng); learned rows are mean +- std over them. "
+                            "[%(default)s]")
     train.add_argument("--epochs", type=int, default=30, help="[%(default)s]")
     train.add_argument("--batches_per_epoch", type=int, default=20, help="[%(default)s]")
     train.add_argument("--batch_size", type=int, default=100, help="Streamlines per batch. [%(default)s]")
@@ -172,9 +196,15 @@ def prepare_cohort(args, out: Path) -> tuple[Path, Path]:
     """(cohort folder, hdf5 file), made if missing."""
     cohort = Path(args.cohort) if args.cohort else out / "cohort"
     if not (cohort / "dwi_ml_ready").is_dir():
-        LOGGER.info("making a %d-subject demo cohort in %s", args.n_subjects, cohort)
-        make_demo_cohort(cohort, n_subjects=args.n_subjects,
-                         streamlines_per_bundle=args.streamlines_per_bundle, shape=args.shape)
+        if args.geometry == "varied":
+            poses = {subset: getattr(args, f"{subset}_poses") for subset in VARIED_POSES}
+            LOGGER.info("making a varied-geometry demo cohort in %s, poses %s", cohort, poses)
+            make_demo_cohort(cohort, streamlines_per_bundle=args.streamlines_per_bundle, shape=args.shape,
+                             poses=poses)
+        else:
+            LOGGER.info("making a %d-subject demo cohort in %s", args.n_subjects, cohort)
+            make_demo_cohort(cohort, n_subjects=args.n_subjects,
+                             streamlines_per_bundle=args.streamlines_per_bundle, shape=args.shape)
     hdf5 = out / "cohort.hdf5"
     if not hdf5.exists():
         config = cohort / "config"
@@ -185,28 +215,32 @@ def prepare_cohort(args, out: Path) -> tuple[Path, Path]:
 
 
 def train_missing_models(args, hdf5: Path, out: Path) -> dict:
-    """Experiment folder and training wall time (None when reused) of each family, training the missing ones
-    side by side."""
-    experiments = {}
-    to_train = {}
-    for family, reused in (("l2t", args.l2t_experiment), ("tt", args.tt_experiment)):
-        experiment = Path(reused) if reused else out / "experiments" / family
-        experiments[family] = experiment
-        if reused:
-            continue
-        if (experiment / "best_model").is_dir():
-            LOGGER.warning("reusing %s, trained by an earlier run (delete it to retrain)", experiment)
-            continue
-        experiment.parent.mkdir(parents=True, exist_ok=True)
-        recipe = L2T_RECIPE if family == "l2t" else TT_RECIPE
-        to_train[family] = [console_script(f"{family}_train_model"), experiment.parent, family, hdf5,
-                            INPUT_GROUP, STREAMLINE_GROUP, "--step_size", args.step_size,
-                            "--max_epochs", args.epochs, "--max_batches_per_epoch_training",
-                            args.batches_per_epoch, "--batch_size_training", args.batch_size,
-                            *COMMON_TRAINING, *recipe, "-v"]
+    """Experiment folder, training wall time (None when reused) and epochs of each (family, training seed),
+    training the missing ones side by side."""
+    reused = {"l2t": args.l2t_experiment, "tt": args.tt_experiment}
+    if len(args.training_seeds) > 1 and any(reused.values()):
+        raise SystemExit("--l2t_experiment / --tt_experiment reuse one model: give one --training_seeds")
+    experiments, to_train = {}, {}
+    for family in ("l2t", "tt"):
+        for rng in args.training_seeds:
+            name = family if len(args.training_seeds) == 1 else f"{family}_rng{rng}"
+            experiment = Path(reused[family]) if reused[family] else out / "experiments" / name
+            experiments[(family, rng)] = experiment
+            if reused[family]:
+                continue
+            if (experiment / "best_model").is_dir():
+                LOGGER.warning("reusing %s, trained by an earlier run (delete it to retrain)", experiment)
+                continue
+            experiment.parent.mkdir(parents=True, exist_ok=True)
+            recipe = L2T_RECIPE if family == "l2t" else TT_RECIPE
+            to_train[name] = [console_script(f"{family}_train_model"), experiment.parent, name, hdf5,
+                              INPUT_GROUP, STREAMLINE_GROUP, "--step_size", args.step_size,
+                              "--max_epochs", args.epochs, "--max_batches_per_epoch_training",
+                              args.batches_per_epoch, "--batch_size_training", args.batch_size,
+                              *COMMON_TRAINING, "--rng", rng, *recipe, "-v"]
     seconds = run_side_by_side(to_train, out) if to_train else {}
-    return {family: {"experiment": str(experiment), "train_s": seconds.get(family),
-                     "epochs": epochs_trained(experiment)} for family, experiment in experiments.items()}
+    return {key: {"experiment": str(experiment), "train_s": seconds.get(experiment.name),
+                  "epochs": epochs_trained(experiment)} for key, experiment in experiments.items()}
 
 
 def epochs_trained(experiment: Path) -> int:
@@ -214,22 +248,25 @@ def epochs_trained(experiment: Path) -> int:
     return len(np.load(log)) if log.exists() else 0
 
 
-def track_learned(family, algo, experiment, subject, hdf5, args, out: Path) -> tuple[Path, float]:
-    tractogram = out / "tractograms" / f"{family}_{algo}.trk"
+def track_learned(family, algo, experiment, subject, hdf5, args, out: Path, name: str) -> tuple[Path, float]:
+    tractogram = out / "tractograms" / subject / f"{name}.trk"
+    tractogram.parent.mkdir(parents=True, exist_ok=True)
     command = [console_script(f"{family}_track_from_model"), experiment, subject, INPUT_GROUP, tractogram,
                SEEDING_GROUP, "--hdf5_file", hdf5, "--algo", algo, "--step_size", args.step_size,
                "--theta", args.theta, "--min_length", args.min_length, "--max_length", args.max_length,
                "--tracking_mask_group", TRACKING_MASK_GROUP, "--nt", args.nt, "--rng_seed", args.rng_seed,
                "--save_seeds", "-f"]
-    return tractogram, run_command(command, out / "tractograms" / f"{family}_{algo}.log")
+    return tractogram, run_command(command, tractogram.with_suffix(".log"))
 
 
 def check_same_seeds(tractogram: Path, reference_image: Path, seeds_vox_corner: np.ndarray) -> None:
     """The seeds a learned tracker saved (vox/center) must be points of the baseline's seed list."""
     if not tractogram.exists():
         return
-    saved = load_tractogram(str(tractogram), str(reference_image), bbox_valid_check=False
-                            ).data_per_streamline["seeds"] + 0.5
+    sft = load_tractogram(str(tractogram), str(reference_image), bbox_valid_check=False)
+    if len(sft) == 0:  # an empty file has no per-streamline data at all
+        return
+    saved = sft.data_per_streamline["seeds"] + 0.5
     distance_to_list, _ = cKDTree(seeds_vox_corner).query(saved)
     unknown = int(np.sum(distance_to_list > 1e-3))
     if unknown:
@@ -244,13 +281,91 @@ def score(tractogram: Path, bundles_dir: Path) -> dict:
     return score_streamlines([], bundles)
 
 
-def table_row(name: str, metrics: dict, seconds: float, n_seeds: int) -> dict:
-    return {"tracker": name, "n_streamlines": metrics["n_streamlines"],
-            "VB": f"{metrics['VB']}/{metrics['n_bundles']}", "IB": metrics["IB"],
-            "VS_%": round(100 * metrics["VS_ratio"], 1), "IS_%": round(100 * metrics["IS_ratio"], 1),
-            "NC_%": round(100 * metrics["NC_ratio"], 1), "OL": round(metrics["OL"], 3),
-            "OR": round(metrics["OR"], 3), "F1": round(metrics["F1"], 3), "tracking_s": round(seconds, 1),
-            "seeds_per_s": round(n_seeds / seconds, 1)}
+METRIC_KEYS = ("n_streamlines", "VS_ratio", "IS_ratio", "NC_ratio", "OL", "OR", "F1")
+
+
+def mean_metrics(runs: list[dict]) -> dict:
+    """Mean of the metrics of several runs (subjects); VB and IB: the worst run."""
+    mean = {key: float(np.mean([run[key] for run in runs])) for key in METRIC_KEYS + ("seconds",)}
+    return mean | {"VB": min(run["VB"] for run in runs), "IB": max(run["IB"] for run in runs),
+                   "n_bundles": runs[0]["n_bundles"]}
+
+
+def _spread(values, digits: int, scale: float = 1.0):
+    """A value, or 'mean ± std' over training seeds."""
+    values = scale * np.asarray(values, dtype=float)
+    if len(values) == 1:
+        return int(values[0]) if float(values[0]).is_integer() else round(float(values[0]), digits)
+    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+
+
+def table_row(name: str, runs: list[dict], n_seeds: int) -> dict:
+    """One tracker's row from one run per training seed (one run for a classical tracker)."""
+    vb = sorted({run["VB"] for run in runs})
+    seconds = float(np.mean([run["seconds"] for run in runs]))
+    return {"tracker": name, "n_streamlines": _spread([r["n_streamlines"] for r in runs], 0),
+            "VB": f"{'-'.join(str(v) for v in (vb[0], vb[-1])[:len(vb)])}/{runs[0]['n_bundles']}",
+            "IB": _spread([r["IB"] for r in runs], 1), "VS_%": _spread([r["VS_ratio"] for r in runs], 1, 100),
+            "IS_%": _spread([r["IS_ratio"] for r in runs], 1, 100),
+            "NC_%": _spread([r["NC_ratio"] for r in runs], 1, 100), "OL": _spread([r["OL"] for r in runs], 3),
+            "OR": _spread([r["OR"] for r in runs], 3), "F1": _spread([r["F1"] for r in runs], 3),
+            "tracking_s": round(seconds, 1), "seeds_per_s": round(n_seeds / seconds, 1)}
+
+
+def subject_paths(cohort: Path, subject: str) -> dict:
+    subject_dir = cohort / "dwi_ml_ready" / subject
+    return {"fodf": subject_dir / "dwi" / f"{subject}__fodf.nii.gz",
+            "interface": subject_dir / "other_masks" / f"{subject}__interface.nii.gz",
+            "wm": subject_dir / "masks" / f"{subject}__mask_wm.nii.gz", "bundles": subject_dir / "bundles"}
+
+
+def track_subject(subject: str, paths: dict, experiments: dict, hdf5: Path, args, out: Path) -> dict:
+    """Metrics (with ``seconds``) of every tracker on one subject: {tracker: [one per training seed]}."""
+    seeds = seeds_from_mask(paths["interface"], rng_seed=args.rng_seed, nt=args.nt)
+    runs = {}
+    for (family, rng), experiment in experiments.items():
+        algos = ["det"]
+        if load_experiment_model(experiment).direction_getter.supports_sampling:
+            algos.append("prob")
+        for algo in algos:
+            name = family if len(args.training_seeds) == 1 else f"{family}_rng{rng}"
+            tractogram, seconds = track_learned(family, algo, experiment, subject, hdf5, args, out,
+                                                f"{name}_{algo}")
+            check_same_seeds(tractogram, paths["fodf"], seeds)
+            runs.setdefault(f"{family} {algo}", []).append(score(tractogram, paths["bundles"])
+                                                            | {"seconds": seconds})
+    folder = out / "tractograms" / subject
+    common = dict(step_size=args.step_size, theta=args.theta, seeds=seeds, min_length=args.min_length,
+                  max_length=args.max_length, sh_basis=SH_BASIS, overwrite=True)
+    for algo in ("prob", "det"):
+        run = run_scilpy_local_tracking(paths["fodf"], paths["interface"], paths["wm"],
+                                        folder / f"scilpy_{algo}.trk", algo=algo, rng_seed=args.rng_seed,
+                                        **common)
+        runs[f"scilpy {algo}"] = [score(run.tractogram, paths["bundles"]) | {"seconds": run.seconds}]
+    for algo in MRTRIX_ALGOS:
+        run = run_mrtrix_tracking(paths["fodf"], paths["wm"], folder / f"mrtrix_{algo}.tck", algo=algo,
+                                  nthreads=MRTRIX_THREADS, **common)
+        runs[f"mrtrix {algo}"] = [score(run.tractogram, paths["bundles"]) | {"seconds": run.seconds}]
+    return runs
+
+
+def tracked_subjects(args, cohort: Path) -> list[str]:
+    if args.subject:
+        return [args.subject]
+    testing = read_subject_list(cohort / "config" / "testing_subjs.txt")
+    if args.geometry == "varied":
+        return testing + read_subject_list(cohort / "config" / "training_subjs.txt")[:1]
+    return testing[:1]
+
+
+def subject_label(cohort: Path, subject: str) -> str:
+    """The subject, with its subset and pose in a varied cohort."""
+    poses = cohort / "config" / "poses.tsv"
+    if not poses.exists():
+        return subject
+    row = pd.read_csv(poses, sep="\t").set_index("subject").loc[subject]
+    seen = "seen geometry" if row["subset"] == "training" else "unseen geometry"
+    return f"{subject} ({row['subset']}, pose {row['pose_deg']:+g} deg, {seen})"
 
 
 def main(argv=None):
@@ -261,53 +376,38 @@ def main(argv=None):
     started = time.perf_counter()
 
     cohort, hdf5 = prepare_cohort(args, out)
-    subject = args.subject or read_subject_list(cohort / "config" / "testing_subjs.txt")[0]
-    subject_dir = cohort / "dwi_ml_ready" / subject
-    fodf = subject_dir / "dwi" / f"{subject}__fodf.nii.gz"
-    interface = subject_dir / "other_masks" / f"{subject}__interface.nii.gz"
-    wm_mask = subject_dir / "masks" / f"{subject}__mask_wm.nii.gz"
-    bundles_dir = subject_dir / "bundles"
-
+    subjects = tracked_subjects(args, cohort)
     training = train_missing_models(args, hdf5, out)
-    experiments = {family: Path(info["experiment"]) for family, info in training.items()}
+    experiments = {key: Path(info["experiment"]) for key, info in training.items()}
 
-    seeds = seeds_from_mask(interface, rng_seed=args.rng_seed, nt=args.nt)
-    rows, metrics_by_tracker = [], {}
-    for family in ("l2t", "tt"):
-        algos = ["det"]
-        if load_experiment_model(experiments[family]).direction_getter.supports_sampling:
-            algos.append("prob")
-        for algo in algos:
-            tractogram, seconds = track_learned(family, algo, experiments[family], subject, hdf5, args, out)
-            check_same_seeds(tractogram, fodf, seeds)
-            name = f"{family} {algo}"
-            metrics_by_tracker[name] = score(tractogram, bundles_dir)
-            rows.append(table_row(name, metrics_by_tracker[name], seconds, args.nt))
-    for algo in ("prob", "det"):
-        run = run_scilpy_local_tracking(fodf, interface, wm_mask, out / "tractograms" / f"scilpy_{algo}.trk",
-                                        algo=algo, step_size=args.step_size, theta=args.theta, seeds=seeds,
-                                        min_length=args.min_length, max_length=args.max_length,
-                                        rng_seed=args.rng_seed, sh_basis=SH_BASIS, overwrite=True)
-        name = f"scilpy {algo}"
-        metrics_by_tracker[name] = score(run.tractogram, bundles_dir)
-        rows.append(table_row(name, metrics_by_tracker[name], run.seconds, run.n_seeds))
-
-    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    table.to_csv(out / "quality.tsv", sep="\t", index=False)
-    voxel_mm = float(nib.load(fodf).header.get_zooms()[0])
-    settings = vars(args) | {"subject": subject, "cohort": str(cohort), "voxel_mm": voxel_mm,
+    runs = {s: track_subject(s, subject_paths(cohort, s), experiments, hdf5, args, out) for s in subjects}
+    tables = {subject_label(cohort, s): pd.DataFrame([table_row(name, r, args.nt) for name, r in by.items()],
+                                                     columns=TABLE_COLUMNS) for s, by in runs.items()}
+    testing = [s for s in subjects if s in read_subject_list(cohort / "config" / "testing_subjs.txt")]
+    if len(testing) > 1:
+        trackers = runs[testing[0]]
+        mean_rows = [table_row(name, [mean_metrics([runs[s][name][k] for s in testing])
+                                      for k in range(len(trackers[name]))], args.nt) for name in trackers]
+        tables[f"mean of the testing subjects {', '.join(testing)} (VB, IB: worst subject)"] = pd.DataFrame(
+            mean_rows, columns=TABLE_COLUMNS)
+    main_table = list(tables.values())[-1] if len(testing) > 1 else tables[subject_label(cohort, subjects[0])]
+    main_table.to_csv(out / "quality.tsv", sep="\t", index=False)
+    voxel_mm = float(nib.load(subject_paths(cohort, subjects[0])["fodf"]).header.get_zooms()[0])
+    settings = vars(args) | {"subjects": subjects, "cohort": str(cohort), "voxel_mm": voxel_mm,
                              "sh_basis": SH_BASIS, "seeds": "interface mask, the same list for all"}
     (out / "quality.json").write_text(json.dumps(
-        {"settings": settings, "training": training, "table": rows, "metrics": metrics_by_tracker},
+        {"settings": settings, "training": {f"{f} rng {r}": v for (f, r), v in training.items()},
+         "tables": {label: t.to_dict(orient="records") for label, t in tables.items()}, "metrics": runs},
         indent=2, default=str))
-    print(f"\nsubject {subject}, {args.nt} seeds (interface mask, same for all), step {args.step_size} mm "
+    print(f"\n{args.nt} seeds (interface mask, same for all), step {args.step_size} mm "
           f"({args.step_size / voxel_mm:.2f} voxel), theta {args.theta} deg, length "
-          f"[{args.min_length}, {args.max_length}] mm, tracking mask = WM mask")
-    for family, info in training.items():
+          f"[{args.min_length}, {args.max_length}] mm, tracking mask = WM mask; geometry {args.geometry}")
+    for (family, rng), info in training.items():
         how = f"trained in {info['train_s']:.0f} s" if info["train_s"] is not None else "reused"
-        print(f"{family}: {info['epochs']} epochs, {how} ({info['experiment']})")
-    print(table.to_string(index=False))
-    print(f"\nwritten {out / 'quality.tsv'} and {out / 'quality.json'}; "
+        print(f"{family} rng {rng}: {info['epochs']} epochs, {how} ({info['experiment']})")
+    for label, table in tables.items():
+        print(f"\n{label}\n{table.to_string(index=False)}")
+    print(f"\nwritten {out / 'quality.tsv'} (the last table) and {out / 'quality.json'}; "
           f"total {time.perf_counter() - started:.0f} s")
 
 

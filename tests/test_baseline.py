@@ -1,4 +1,5 @@
-"""The classical baseline (scilpy's local tracking) on a tiny demo subject, with our trackers' seeds."""
+"""The classical baselines (scilpy's local tracking, MRtrix3's tckgen) on a tiny demo subject, with our
+trackers' seeds."""
 
 import nibabel as nib
 import numpy as np
@@ -9,7 +10,8 @@ from dipy.io.streamline import load_tractogram
 from trackflow.data.demo import SH_BASIS
 from trackflow.errors import TrackflowError
 from trackflow.evaluation.tractometer import score_tractogram_file
-from trackflow.tracking.classical import run_scilpy_local_tracking, seeds_from_mask
+from trackflow.tracking.classical import (MRTRIX_ALGOS, run_mrtrix_tracking, run_scilpy_local_tracking,
+                                         seeds_from_mask)
 
 SUBJECT = "sub-01"
 STEP_MM = 0.75
@@ -121,4 +123,55 @@ def test_bad_arguments_are_refused_before_running_scilpy(subject, tmp_path, kwar
     with pytest.raises(TrackflowError, match=r"\.trk"):
         run_scilpy_local_tracking(subject["fodf"], subject["interface"], subject["wm"], tmp_path / "x.tck",
                                   algo="prob", step_size=STEP_MM, theta=THETA_DEG, npv=1, sh_basis=SH_BASIS)
+    assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------- MRtrix3 tckgen
+
+
+@pytest.mark.slow  # 6-7 s each: scil_sh_convert's imports, then tckgen
+@pytest.mark.parametrize("algo", MRTRIX_ALGOS)
+def test_mrtrix_tracks_each_given_seed_once_and_is_scored(subject, tmp_path, algo):
+    seeds = seeds_from_mask(subject["interface"], rng_seed=3, nt=80)
+    out = tmp_path / f"{algo}.tck"
+    run = run_mrtrix_tracking(subject["fodf"], subject["wm"], out, algo=algo, step_size=STEP_MM,
+                              theta=THETA_DEG, seeds=seeds, min_length=5.0, max_length=200.0,
+                              sh_basis=SH_BASIS)
+    assert run.tractogram == out and run.n_seeds == 80
+    streamlines = load_vox_corner(out, subject["fodf"]).streamlines
+    assert len(streamlines) > 20
+    # tckgen tracks both ways from the seed, which stays a point of the streamline: each streamline
+    # passes through one of our seeds, and no seed gives two streamlines.
+    used = [np.argmin(np.min(np.linalg.norm(s[:, None] - seeds[None], axis=2), axis=0)) for s in streamlines]
+    distances = [np.min(np.linalg.norm(s - seeds[k], axis=1)) for s, k in zip(streamlines, used)]
+    assert max(distances) < 1e-3 and len(set(used)) == len(used)
+    lengths_mm = [1.5 * np.sum(np.linalg.norm(np.diff(s, axis=0), axis=1)) for s in streamlines]
+    assert min(lengths_mm) >= 5.0 - STEP_MM
+    metrics = score_tractogram_file(out, subject["bundles"])
+    assert metrics["n_streamlines"] == len(streamlines) and metrics["VB"] >= 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary left
+
+
+@pytest.mark.slow  # about 6 s: scil_sh_convert's imports
+def test_mrtrix_failure_is_one_error_and_no_output(subject, tmp_path):
+    # Five volumes are no SH order: the basis conversion refuses them.
+    not_sh = tmp_path / "not_sh.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 5), np.float32), nib.load(subject["fodf"]).affine), not_sh)
+    out = tmp_path / "never.tck"
+    with pytest.raises(TrackflowError, match="scil_sh_convert failed"):
+        run_mrtrix_tracking(not_sh, subject["wm"], out, algo="iFOD2", step_size=STEP_MM, theta=THETA_DEG,
+                            seeds=np.full((2, 3), 10.5), sh_basis=SH_BASIS)
+    assert list(tmp_path.iterdir()) == [not_sh]
+
+
+@pytest.mark.parametrize("kwargs, out_name, message", [
+    (dict(algo="FACT"), "x.tck", "algo must be"),
+    (dict(algo="iFOD2"), "x.trk", r"\.tck"),
+    (dict(algo="iFOD2", seeds=np.zeros((4, 2))), "x.tck", r"\(S, 3\)"),
+])
+def test_bad_arguments_are_refused_before_running_mrtrix(subject, tmp_path, kwargs, out_name, message):
+    kwargs = dict(seeds=np.full((2, 3), 10.5)) | kwargs
+    with pytest.raises(TrackflowError, match=message):
+        run_mrtrix_tracking(subject["fodf"], subject["wm"], tmp_path / out_name, step_size=STEP_MM,
+                            theta=THETA_DEG, sh_basis=SH_BASIS, **kwargs)
     assert not any(tmp_path.iterdir())

@@ -1,6 +1,7 @@
 """Tests of the synthetic demo cohort (trackflow.data.demo, trackflow_make_demo) on a tiny cohort."""
 
 import functools
+import hashlib
 import json
 import subprocess
 import sys
@@ -20,8 +21,8 @@ from scipy import ndimage
 
 import trackflow.cli.make_demo as make_demo_cli
 from trackflow.data import demo
-from trackflow.data.demo import (BUNDLES, SH_ORDER, TINY_SHAPE, legacy_to_descoteaux07, make_demo_cohort,
-                                 multi_tensor_signal, split_subjects)
+from trackflow.data.demo import (BUNDLES, SH_ORDER, TINY_SHAPE, VOXEL_SIZE_MM, legacy_to_descoteaux07,
+                                 make_demo_cohort, multi_tensor_signal, split_subjects)
 from trackflow.errors import TrackflowError
 
 # Reading fODFs in dipy's legacy basis is done on purpose below, to show it gives wrong peaks.
@@ -193,6 +194,25 @@ def test_subjects_differ(tiny_cohort):
 def test_tiny_cohort_is_quick(tiny_cohort):
     _, seconds = tiny_cohort
     assert seconds < 20, f"two tiny subjects took {seconds:.1f} s"
+
+
+def test_classic_cohort_is_unchanged_by_the_varied_geometry_option(tiny_cohort):
+    """Checksums of the tiny cohort written before varied geometry existed (commit c45a333): the classic
+    demo's masks and ground truth are bit-identical, its fODF equal to float rounding."""
+    cohort, _ = tiny_cohort
+    geometry = hashlib.sha256()
+    fodf_sums = []
+    for s in ("sub-01", "sub-02"):
+        relatives = ["masks/<s>__mask_wm.nii.gz", "other_masks/<s>__interface.nii.gz"] + [
+            f"bundles/<s>__{b}__{k}.nii.gz" for b in BUNDLE_NAMES for k in ("head", "tail", "mask")]
+        for relative in relatives:
+            geometry.update(load_array(cohort, relative, s).tobytes())
+        for b in BUNDLE_NAMES:
+            geometry.update(nib.streamlines.load(subject_file(cohort, f"tractograms/<s>__{b}.trk", s)
+                                                 ).streamlines.get_data().tobytes())
+        fodf_sums.append(load_array(cohort, "dwi/<s>__fodf.nii.gz", s).astype(np.float64).sum())
+    assert geometry.hexdigest() == "ec091d98186f3954ca51c7f53ea986713f52b3932ce72a6e58da1e9a03b225c0"
+    np.testing.assert_allclose(fodf_sums, [459.76150445830854, 460.46657271033314], rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------- volumes, masks
@@ -369,6 +389,134 @@ def check_crossing_resolved(cohort):
     resolved = [len(p) >= 2 and angle_deg(p[0], truths).min() < 25 and angle_deg(p[1], truths).min() < 25
                 and angle_deg(p[0], [p[1]])[0] > 60 for p in fodf_peaks(fodf[crossing], legacy=False)]
     assert np.mean(resolved) > 0.5
+
+
+# ---------------------------------------------------------------------------------- varied geometry
+
+POSES = {"training": [1.0, 9.0], "validation": [5.0], "testing": [-11.0]}
+
+
+def make_varied(out_dir, poses=POSES, seed=0):
+    return make_demo_cohort(out_dir, seed=seed, streamlines_per_bundle=N_STREAMLINES, shape=TINY_SHAPE,
+                            poses=poses)
+
+
+@pytest.fixture(scope="module")
+def varied_cohort(tmp_path_factory):
+    return make_varied(tmp_path_factory.mktemp("varied") / "cohort")
+
+
+def in_plane_turn_deg(cohort, bundle, subject, reference):
+    """Signed in-plane angle (about z, close to the slab's normal) from a straight bundle's axis in
+    ``reference`` to its axis in ``subject``."""
+    first, second = (bundle_axis(load_voxel_streamlines(cohort, bundle, s)) for s in (reference, subject))
+    turn = np.degrees(np.arctan2(second[1], second[0]) - np.arctan2(first[1], first[0]))
+    return (turn + 90) % 180 - 90  # axes have no sign
+
+
+def test_varied_cohort_lists_its_subjects_by_pose(varied_cohort):
+    config = varied_cohort / "config"
+    assert [read(config / f"{k}_subjs.txt") for k in ("training", "validation", "testing")] == [
+        ["sub-01", "sub-02"], ["sub-03"], ["sub-04"]]
+    assert (config / "poses.tsv").read_text().splitlines() == [
+        "subject\tsubset\tpose_deg", "sub-01\ttraining\t1", "sub-02\ttraining\t9",
+        "sub-03\tvalidation\t5", "sub-04\ttesting\t-11"]
+    assert "Varied geometry" in (varied_cohort / "README.txt").read_text()
+
+
+def read(path):
+    return path.read_text().split()
+
+
+def test_varied_geometry_is_reproducible_from_the_seed(varied_cohort, tmp_path):
+    # Subject seeds do not depend on the number of subjects: same seed and pose, same subject.
+    again = make_varied(tmp_path / "again", {"training": [1.0], "validation": [9.0], "testing": [0.0]})
+    other_seed = make_varied(tmp_path / "other", {"training": [1.0], "validation": [9.0], "testing": [0.0]},
+                             seed=1)
+    for subject in ("sub-01", "sub-02"):
+        for relative in ("dwi/<s>__fodf.nii.gz", "masks/<s>__mask_wm.nii.gz", "bundles/<s>__arc__head.nii.gz"):
+            np.testing.assert_array_equal(load_array(varied_cohort, relative, subject),
+                                          load_array(again, relative, subject))
+            assert not np.array_equal(load_array(varied_cohort, relative, subject),
+                                      load_array(other_seed, relative, subject))
+        np.testing.assert_array_equal(np.concatenate(load_voxel_streamlines(varied_cohort, "fan", subject)),
+                                      np.concatenate(load_voxel_streamlines(again, "fan", subject)))
+
+
+def test_varied_subjects_differ_more_than_classic_ones(varied_cohort, tiny_cohort):
+    def mask_difference(cohort, first, second):
+        a, b = (load_array(cohort, "masks/<s>__mask_wm.nii.gz", s).astype(bool) for s in (first, second))
+        return np.count_nonzero(a ^ b) / np.count_nonzero(a | b)
+
+    classic = mask_difference(tiny_cohort[0], "sub-01", "sub-02")
+    for first, second in (("sub-01", "sub-02"), ("sub-01", "sub-04"), ("sub-02", "sub-03")):
+        assert mask_difference(varied_cohort, first, second) > max(0.2, 1.5 * classic), (first, second)
+    # Each subject draws its own bundle changes: radii and lengths differ, not only the pose.
+    lengths = [np.mean([np.sum(np.linalg.norm(np.diff(s, axis=0), axis=1)) for s in
+                        load_voxel_streamlines(varied_cohort, "horizontal", subject)])
+               for subject in ("sub-01", "sub-02", "sub-03", "sub-04")]
+    assert np.ptp(lengths) > 0.3
+
+
+def test_varied_pose_rotates_the_whole_configuration(varied_cohort):
+    # Poses 1, 9, 5, -11 degrees; each bundle also turns by up to 5 degrees, the slab tilts by up to 3 more.
+    for bundle in ("horizontal", "vertical", "diagonal"):
+        assert in_plane_turn_deg(varied_cohort, bundle, "sub-02", "sub-04") == pytest.approx(20, abs=11)
+        assert in_plane_turn_deg(varied_cohort, bundle, "sub-02", "sub-01") == pytest.approx(8, abs=11)
+    axes = {b: bundle_axis(load_voxel_streamlines(varied_cohort, b, "sub-04"))
+            for b in ("horizontal", "vertical", "diagonal")}
+    assert angle_deg(axes["horizontal"], [axes["vertical"]])[0] == pytest.approx(90, abs=12)
+    assert angle_deg(axes["horizontal"], [axes["diagonal"]])[0] == pytest.approx(45, abs=12)
+
+
+@pytest.mark.parametrize("subject", ["sub-01", "sub-04"])
+def test_varied_ground_truth_follows_the_signal(varied_cohort, subject):
+    """Ground truth lies in the WM and bundle masks, ends in its end regions, and runs along the fODF peak
+    wherever a single bundle fills the voxel."""
+    wm = load_array(varied_cohort, "masks/<s>__mask_wm.nii.gz", subject)
+    masks = {b: load_array(varied_cohort, f"bundles/<s>__{b}__mask.nii.gz", subject) for b in BUNDLE_NAMES}
+    n_bundles_per_voxel = sum(m.astype(int) for m in masks.values())
+    fodf = load_array(varied_cohort, "dwi/<s>__fodf.nii.gz", subject)
+    for bundle in BUNDLE_NAMES:
+        streamlines = load_voxel_streamlines(varied_cohort, bundle, subject)
+        points = np.concatenate(streamlines)
+        assert voxel_values(wm, points).all(), bundle
+        # The bundle mask holds the voxels of the dense segments' midpoints: an end point may lie just past.
+        assert voxel_values(masks[bundle], points).mean() > 0.995, bundle
+        for end, index in (("head", 0), ("tail", -1)):
+            end_mask = load_array(varied_cohort, f"bundles/<s>__{bundle}__{end}.nii.gz", subject)
+            assert voxel_values(end_mask, np.array([s[index] for s in streamlines])).all(), (bundle, end)
+
+        segments = np.concatenate([np.diff(s, axis=0) for s in streamlines])
+        midpoints = np.concatenate([(s[1:] + s[:-1]) / 2 for s in streamlines])
+        index = np.floor(midpoints).astype(int)
+        alone = n_bundles_per_voxel[tuple(index.T)] == 1
+        voxels, first = np.unique(index[alone], axis=0, return_index=True)
+        tangents = segments[alone][first] / np.linalg.norm(segments[alone][first], axis=1, keepdims=True)
+        peaks = fodf_peaks(fodf[tuple(voxels.T)], legacy=False)
+        errors = [angle_deg(t, p).min() for t, p in zip(tangents, peaks) if len(p)]
+        assert len(errors) > 5 and np.median(errors) < 15, (bundle, np.median(errors))
+
+
+def test_cli_makes_a_varied_cohort(tmp_path, monkeypatch):
+    tiny_library_call = functools.partial(make_demo_cohort, shape=TINY_SHAPE)  # the CLI has no --shape
+    monkeypatch.setattr(make_demo_cli, "make_demo_cohort", tiny_library_call)
+    out_dir = tmp_path / "cohort"
+    make_demo_cli.main([str(out_dir), "--streamlines_per_bundle", "3", "--training_poses", "2", "4",
+                        "--validation_poses", "3", "--testing_poses", "-11"])
+    assert read(out_dir / "config" / "testing_subjs.txt") == ["sub-04"]
+    assert (out_dir / "config" / "poses.tsv").read_text().splitlines()[-1] == "sub-04\ttesting\t-11"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(poses={"training": [1.0], "testing": [2.0]}), "at least one angle for each"),
+    (dict(poses={"training": [1.0], "validation": [], "testing": [2.0]}), "at least one angle for each"),
+    (dict(poses={"training": [float("nan")], "validation": [1.0], "testing": [2.0]}), "finite angles"),
+    (dict(poses=POSES, n_subjects=4), "not both")])
+def test_bad_poses_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(TrackflowError, match=message):
+        make_demo_cohort(tmp_path / "cohort", **kwargs)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------- errors, atomicity

@@ -19,7 +19,7 @@ with their result. Signal cases (SIGTERM, SIGKILL mid-run, two racing runs) use 
 Case ids are ``<command>-<fault>``. Counts by command (in-process table + subprocess cases):
 
 =====================================  =====
-trackflow_make_demo                       10
+trackflow_make_demo                       14
 dwiml_create_hdf5_dataset                 50
 dwiml_hdf5_print_architecture              8
 l2t_train_model                           38
@@ -36,7 +36,7 @@ trackflow_filter_by_length                23
 trackflow_merge_tractograms               35
 trackflow_prepare_tractoflow              35
 signals and races (subprocess)             6
-total                                    496
+total                                    506
 =====================================  =====
 
 (``test_counts_by_command`` keeps this table honest.)
@@ -251,6 +251,13 @@ for _fault, _opts in [("subjects-0", ["--subjects", "0"]), ("subjects-negative",
                       ("streamlines-per-bundle-0", ["--streamlines_per_bundle", "0"]),
                       ("streamlines-per-bundle-negative", ["--streamlines_per_bundle", "-3"])]:
     add("trackflow_make_demo", _fault, lambda w, t, o=_opts: _demo(t, *o))
+_POSES = ["--validation_poses", "2", "--testing_poses", "-11"]
+for _fault, _opts in [("poses-nonsense", ["--training_poses", "x"]),
+                      ("poses-missing-subset", ["--training_poses", "1", "--testing_poses", "-11"]),
+                      ("poses-nan", ["--training_poses", "nan", *_POSES])]:
+    add("trackflow_make_demo", _fault,
+        lambda w, t, o=_opts: Plan(_s(t / "demo") + ["--streamlines_per_bundle", "2", *o], [t / "demo"]))
+add("trackflow_make_demo", "poses-and-subjects", lambda w, t: _demo(t, "--training_poses", "1", *_POSES))
 
 
 # ---------------------------------------------------------------------------------------------- create_hdf5

@@ -46,6 +46,7 @@ from dipy.reconst.shm import sh_to_sf_matrix
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from trackflow.data.hdf5.reader import SUBSET_NAMES
 from trackflow.errors import TrackflowError
 from trackflow.files import atomic_directory, check_outputs
 
@@ -82,6 +83,18 @@ GEOMETRY_JITTER = 0.5  # std of control-point jitter, layout units
 # go unnoticed on an axial phantom.
 SLAB_TILT_DEG = 15.0
 MAX_ROTATION_DEG = (3.0, 3.0, 5.0)  # per-subject random rotation about x, y, z, on top of the tilt
+
+# Varied-geometry cohorts (make_demo_cohort(poses=...)): every subject has its own geometry, drawn from its
+# seed. Sizes in mm hold on the default grid and scale with the layout on other shapes.
+VARIED_PLACEMENT_MM = 2.0  # largest move of a bundle's control points (ends, arc centre)
+VARIED_RADIUS = 0.15  # tube radii scaled by 1 +- this
+VARIED_TURN_DEG = 5.0  # straight bundles turn about their middle (crossing angles), arc ends by up to this
+VARIED_BEND = 0.08  # largest sagitta of a straight bundle's bend, as a fraction of its length
+VARIED_ARC_CURVATURE = 0.15  # arc radius scaled by 1 +- this
+VARIED_SHIFT_MM = 2.0  # whole-configuration shift, in-plane (half of it across the slab)
+VARIED_DEFORMATION_MM = 1.5  # largest amplitude of the smooth deformation
+VARIED_DEFORMATION_WAVELENGTH = 0.75  # of the in-plane volume size
+VARIED_LAYOUT_MARGIN = 1.2  # the layout is drawn this much smaller, so that rotated subjects fit
 
 # The layout is drawn on a 48-voxel grid (layout units) and scaled to the requested shape.
 _LAYOUT_SIDE = 48.0
@@ -191,24 +204,126 @@ def _centreline(layout: BundleLayout, rng: np.random.Generator) -> tuple[np.ndar
         points = start + t[:, None] * (end - start)
     else:
         arc_radius = layout.arc_radius + rng.normal(0, GEOMETRY_JITTER)
-        angles = np.deg2rad(layout.arc_angles_deg)
-        length = arc_radius * abs(angles[1] - angles[0])
-        t = np.linspace(0, 1, int(np.ceil(length / CENTRELINE_STEP_VOXELS)) + 1)
-        angle = angles[0] + t * (angles[1] - angles[0])
-        points = start + arc_radius * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+        points, t = _arc_points(start, arc_radius, np.deg2rad(layout.arc_angles_deg))
     radii = radius_scale * (layout.radius[0] + t * (layout.radius[1] - layout.radius[0]))
     return points, radii
 
 
+def _arc_points(centre: np.ndarray, arc_radius: float, angles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points [K, 2] of the circle arc from ``angles[0]`` to ``angles[1]`` (radians), and their t in [0, 1]."""
+    length = arc_radius * abs(angles[1] - angles[0])
+    t = np.linspace(0, 1, int(np.ceil(length / CENTRELINE_STEP_VOXELS)) + 1)
+    angle = angles[0] + t * (angles[1] - angles[0])
+    return centre + arc_radius * np.stack([np.cos(angle), np.sin(angle)], axis=1), t
+
+
+def _in_disk(rng: np.random.Generator, radius: float) -> np.ndarray:
+    """A point drawn uniformly in the disk of ``radius`` around the origin [2]."""
+    r, angle = radius * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
+    return np.array([r * np.cos(angle), r * np.sin(angle)])
+
+
+def _rotation_2d(degrees: float) -> np.ndarray:
+    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
+    return np.array([[c, -s], [s, c]])
+
+
+def _varied_centreline(layout: BundleLayout, rng: np.random.Generator,
+                       placement: float) -> tuple[np.ndarray, np.ndarray]:
+    """Centreline of a varied-geometry subject, layout units: points [K, 2] and tube radii [K].
+
+    Control points move up to ``placement`` (layout units); a straight bundle also turns about its middle
+    (its crossing angles change) and bends (a quadratic Bezier curve); an arc changes its radius
+    (curvature) and its end angles.
+    """
+    turn_deg = rng.uniform(-1, 1) * VARIED_TURN_DEG
+    radius_scale = rng.uniform(1 - VARIED_RADIUS, 1 + VARIED_RADIUS)
+    if layout.arc_radius is None:
+        start = np.asarray(layout.start) + _in_disk(rng, placement)
+        end = np.asarray(layout.end) + _in_disk(rng, placement)
+        middle = (start + end) / 2
+        start, end = (middle + (point - middle) @ _rotation_2d(turn_deg).T for point in (start, end))
+        chord = np.linalg.norm(end - start)
+        normal = np.array([start[1] - end[1], end[0] - start[0]]) / chord
+        # The Bezier control point lies at twice the sagitta from the chord's middle.
+        control = middle + 2 * rng.uniform(-1, 1) * VARIED_BEND * chord * normal
+        t = np.linspace(0, 1, int(np.ceil(1.1 * chord / CENTRELINE_STEP_VOXELS)) + 1)[:, None]
+        points = (1 - t) ** 2 * start + 2 * t * (1 - t) * control + t ** 2 * end
+        t = t[:, 0]
+    else:
+        centre = np.asarray(layout.start) + _in_disk(rng, placement)
+        arc_radius = layout.arc_radius * rng.uniform(1 - VARIED_ARC_CURVATURE, 1 + VARIED_ARC_CURVATURE)
+        angles = np.asarray(layout.arc_angles_deg) + turn_deg + rng.uniform(-1, 1, 2) * VARIED_TURN_DEG
+        points, t = _arc_points(centre, arc_radius, np.deg2rad(angles))
+    radii = radius_scale * (layout.radius[0] + t * (layout.radius[1] - layout.radius[0]))
+    return points, radii
+
+
+@dataclass(frozen=True)
+class SubjectVariation:
+    """How a varied-geometry subject departs from the layout, beyond its bundles' own changes.
+
+    Attributes
+    ----------
+    pose_deg : float
+        Rotation of the whole configuration in the slab's plane (the subject's pose, given by the user).
+    rotation : ndarray, shape (3, 3)
+        The pose, then a random tilt of up to MAX_ROTATION_DEG about x and y, then SLAB_TILT_DEG about x.
+    shift : ndarray, shape (3,)
+        Translation of the whole configuration, voxels.
+    wave_vectors, phases : ndarrays, shapes (3, 3) and (3,)
+        Smooth deformation: displacement along axis c = amplitude * sin(wave_vectors[c] . p + phases[c]).
+    amplitude : float
+        voxels; small against the wavelength, so the deformation is one-to-one.
+    """
+
+    pose_deg: float
+    rotation: np.ndarray
+    shift: np.ndarray
+    wave_vectors: np.ndarray
+    phases: np.ndarray
+    amplitude: float
+
+    def deform(self, points: np.ndarray) -> np.ndarray:
+        """Deformed points [..., 3] (vox/corner)."""
+        return points + self.amplitude * np.sin(points @ self.wave_vectors.T + self.phases)
+
+
+def _draw_variation(pose_deg: float, shape, rng: np.random.Generator) -> SubjectVariation:
+    mm = 1 / VOXEL_SIZE_MM * _layout_scale(shape, varied=True) / _layout_scale(DEFAULT_SHAPE, varied=True)
+    tilt = Rotation.from_euler("xyz", [SLAB_TILT_DEG + rng.uniform(-1, 1) * MAX_ROTATION_DEG[0],
+                                       rng.uniform(-1, 1) * MAX_ROTATION_DEG[1], 0.0], degrees=True)
+    rotation = (tilt * Rotation.from_euler("z", pose_deg, degrees=True)).as_matrix()
+    shift = np.r_[_in_disk(rng, VARIED_SHIFT_MM * mm), rng.uniform(-1, 1) * VARIED_SHIFT_MM * mm / 2]
+    directions = rng.normal(size=(3, 3))
+    wavelength = VARIED_DEFORMATION_WAVELENGTH * min(shape[:2])
+    wave_vectors = 2 * np.pi / wavelength * directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    return SubjectVariation(pose_deg=float(pose_deg), rotation=rotation, shift=shift,
+                            wave_vectors=wave_vectors, phases=rng.uniform(0, 2 * np.pi, 3),
+                            amplitude=rng.uniform(0.5, 1) * VARIED_DEFORMATION_MM * mm)
+
+
+def _layout_scale(shape, varied: bool) -> float:
+    """Voxels per layout unit; a varied cohort leaves a margin for its rotations, shifts and moves."""
+    return min(shape[0], shape[1]) / (_LAYOUT_SIDE * (VARIED_LAYOUT_MARGIN if varied else 1.0))
+
+
 def _draw_bundle(layout: BundleLayout, shape, rotation: np.ndarray, n_streamlines: int,
-                 rng: np.random.Generator) -> BundleSample:
+                 rng: np.random.Generator, variation: SubjectVariation | None = None) -> BundleSample:
     """Sample ``n_streamlines`` dense streamlines inside the bundle's tube, vox/corner coordinates.
 
     Each streamline keeps a fixed position (u, v) in the unit disk of the tube's cross-section, scaled
-    by the local radius, so a widening tube gives a fan.
+    by the local radius, so a widening tube gives a fan. With a ``variation`` (whose rotation replaces
+    ``rotation``) the bundle is varied, shifted and deformed.
     """
-    points_2d, radii = _centreline(layout, rng)
-    scale = min(shape[0], shape[1]) / _LAYOUT_SIDE
+    scale = _layout_scale(shape, varied=variation is not None)
+    if variation is None:
+        points_2d, radii = _centreline(layout, rng)
+    else:
+        rotation = variation.rotation
+        # Sizes in mm are those of the default grid, scaled with the layout on other shapes.
+        points_2d, radii = _varied_centreline(layout, rng, VARIED_PLACEMENT_MM / VOXEL_SIZE_MM
+                                              / _layout_scale(DEFAULT_SHAPE, varied=True))
     volume_centre = np.asarray(shape, dtype=float) / 2
     in_plane_offset = (np.asarray(shape[:2]) - scale * _LAYOUT_SIDE) / 2
     centre_2d = in_plane_offset + scale * points_2d
@@ -229,6 +344,9 @@ def _draw_bundle(layout: BundleLayout, shape, rotation: np.ndarray, n_streamline
     v = disk_radius * np.sin(disk_angle)
     offsets = radii[None, :, None] * (u[:, None, None] * normal_1[None] + v[:, None, None] * normal_2[None])
     streamlines = centre[None] + offsets  # [B, K, 3]
+    if variation is not None:
+        centre = variation.deform(centre + variation.shift)
+        streamlines = variation.deform(streamlines + variation.shift)
 
     arc_length = np.r_[0, np.cumsum(np.linalg.norm(np.diff(centre, axis=0), axis=1))]
     return BundleSample(name=layout.name, streamlines=streamlines,
@@ -334,12 +452,17 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def make_demo_subject(subject_dir: Path, subject_id: str, shape, streamlines_per_bundle: int,
-                      rng: np.random.Generator, gtab, csd_model) -> None:
-    """Write one subject's files (layout of the module docstring) into ``subject_dir``."""
+                      rng: np.random.Generator, gtab, csd_model, pose_deg: float | None = None) -> None:
+    """Write one subject's files (layout of the module docstring) into ``subject_dir``; with a
+    ``pose_deg`` the subject has its own geometry (``SubjectVariation``), rotated in-plane by it."""
     affine = _demo_affine(shape)
-    rotation = _subject_rotation(rng)
     n_dense = max(DENSE_STREAMLINES_PER_BUNDLE, streamlines_per_bundle)
-    bundles = [_draw_bundle(layout, shape, rotation, n_dense, rng) for layout in BUNDLES]
+    if pose_deg is None:
+        rotation, variation = _subject_rotation(rng), None
+    else:
+        variation = _draw_variation(pose_deg, shape, rng)
+        rotation = variation.rotation
+    bundles = [_draw_bundle(layout, shape, rotation, n_dense, rng, variation) for layout in BUNDLES]
     for bundle in bundles:
         if (bundle.streamlines < 0).any() or (bundle.streamlines >= shape).any():
             raise TrackflowError(f"the demo phantom does not fit in a {shape} volume: make it thicker")
@@ -446,15 +569,48 @@ config/: hdf5_config.json and training/validation/testing subject lists.
 """
 
 
+_VARIED_README = f"""
+Varied geometry: every subject has its own geometry, drawn from its seed: bundle ends and the arc's centre
+moved by up to {VARIED_PLACEMENT_MM:g} mm, straight bundles turned about their middle by up to {VARIED_TURN_DEG:g}
+degrees (crossing angles) and bent (sagitta up to {100 * VARIED_BEND:g}% of their length), arc radius (curvature) and
+tube radii scaled by up to +-{100 * VARIED_ARC_CURVATURE:g}% / +-{100 * VARIED_RADIUS:g}%, the whole configuration rotated in
+the slab's plane by the subject's pose, tilted by up to {MAX_ROTATION_DEG[0]:g} degrees more, shifted by up to
+{VARIED_SHIFT_MM:g} mm and smoothly deformed (sine displacement up to {VARIED_DEFORMATION_MM:g} mm). The layout is drawn
+{VARIED_LAYOUT_MARGIN:g} times smaller than in the classic demo so that rotated subjects fit.
+config/poses.tsv: subject, subset and pose (degrees) of every subject.
+"""
+
+
+def _subject_subsets(n_subjects: int | None, poses: dict | None) -> dict:
+    """Poses by subset (None poses for the classic demo), checking ``poses``."""
+    if poses is None:
+        return {"all": [None] * (4 if n_subjects is None else n_subjects)}
+    if n_subjects is not None:
+        raise TrackflowError("give the number of subjects or the poses of a varied cohort, not both")
+    if sorted(poses) != sorted(SUBSET_NAMES) or not all(len(poses[k]) for k in SUBSET_NAMES):
+        raise TrackflowError(f"poses need at least one angle for each of {', '.join(SUBSET_NAMES)}, "
+                             f"got {poses}")
+    if not all(np.isfinite(float(pose)) for pose in sum((list(v) for v in poses.values()), [])):
+        raise TrackflowError(f"poses must be finite angles in degrees, got {poses}")
+    return {k: [float(pose) for pose in poses[k]] for k in SUBSET_NAMES}
+
+
+def _split_by_poses(subject_ids: list[str], subsets: dict) -> list[list[str]]:
+    """The subject lists of a varied cohort: consecutive ids, in the order of ``SUBSET_NAMES``."""
+    ends = np.cumsum([len(subsets[k]) for k in SUBSET_NAMES])
+    return [subject_ids[start:end] for start, end in zip(np.r_[0, ends[:-1]], ends)]
+
+
 def _is_replaceable_cohort(path: Path) -> bool:
     """An empty folder or one written by ``make_demo_cohort``: safe to delete under ``-f``."""
     return path.is_dir() and (not any(path.iterdir()) or
                               ((path / "README.txt").is_file() and (path / "dwi_ml_ready").is_dir()))
 
 
-def make_demo_cohort(out_dir, n_subjects: int = 4, seed: int = 0,
+def make_demo_cohort(out_dir, n_subjects: int | None = None, seed: int = 0,
                      streamlines_per_bundle: int = DEFAULT_STREAMLINES_PER_BUNDLE,
-                     shape=DEFAULT_SHAPE, force: bool = False) -> Path:
+                     shape=DEFAULT_SHAPE, force: bool = False,
+                     poses: dict[str, list[float]] | None = None) -> Path:
     """Write a complete synthetic cohort, deterministic for a given seed.
 
     Layout: ``out_dir/dwi_ml_ready/<subject>/...`` (see the module docstring), ``out_dir/config/
@@ -466,8 +622,8 @@ def make_demo_cohort(out_dir, n_subjects: int = 4, seed: int = 0,
     ----------
     out_dir : path
         Folder to create; must not exist unless ``force``.
-    n_subjects : int
-        Number of subjects, ids ``sub-01``, ``sub-02``, ...
+    n_subjects : int or None
+        Number of subjects, ids ``sub-01``, ``sub-02``, ... [4; with ``poses``, the number of poses].
     seed : int
         Same seed, same arrays.
     streamlines_per_bundle : int
@@ -478,6 +634,13 @@ def make_demo_cohort(out_dir, n_subjects: int = 4, seed: int = 0,
     force : bool
         Replace an existing ``out_dir``, provided it is empty or a previous demo cohort (a folder with
         README.txt and dwi_ml_ready/): ``-f`` on a folder holding other results is refused.
+    poses : dict or None
+        A varied-geometry cohort: ``{"training": [deg, ...], "validation": [...], "testing": [...]}``,
+        one subject per angle (in that order: training subjects first), each with its own geometry
+        (``SubjectVariation``: bundles moved, turned, bent and resized, the whole configuration shifted
+        and smoothly deformed) rotated in the slab's plane by its angle. The subject lists follow the
+        keys; ``config/poses.tsv`` lists subject, subset and pose. None: the classic demo, whose subjects
+        share one geometry up to a small jitter.
 
     Returns
     -------
@@ -486,6 +649,8 @@ def make_demo_cohort(out_dir, n_subjects: int = 4, seed: int = 0,
     """
     out_dir = Path(out_dir)
     shape = tuple(int(n) for n in shape)
+    subsets = _subject_subsets(n_subjects, poses)
+    n_subjects = sum(len(subset) for subset in subsets.values())
     if n_subjects < 1:
         raise TrackflowError(f"the number of subjects must be at least 1, got {n_subjects}")
     if streamlines_per_bundle < 1:
@@ -498,21 +663,30 @@ def make_demo_cohort(out_dir, n_subjects: int = 4, seed: int = 0,
 
     started = time.perf_counter()
     subject_ids = [f"sub-{i + 1:0{max(2, len(str(n_subjects)))}d}" for i in range(n_subjects)]
+    subject_poses = [pose for subset in subsets.values() for pose in subset] if poses else [None] * n_subjects
     gtab = demo_gradient_table()
     csd_model = ConstrainedSphericalDeconvModel(gtab, (FIBRE_EVALS, S0), sh_order_max=SH_ORDER)
     subject_seeds = np.random.SeedSequence(seed).spawn(n_subjects)
 
     with atomic_directory(out_dir) as staging:
-        for subject_id, subject_seed in zip(subject_ids, subject_seeds):
+        for subject_id, subject_seed, pose in zip(subject_ids, subject_seeds, subject_poses):
             make_demo_subject(staging / "dwi_ml_ready" / subject_id, subject_id, shape,
-                              streamlines_per_bundle, np.random.default_rng(subject_seed), gtab, csd_model)
+                              streamlines_per_bundle, np.random.default_rng(subject_seed), gtab, csd_model,
+                              pose)
             LOGGER.info("demo subject %s written (%.1f s so far)", subject_id, time.perf_counter() - started)
         config_dir = staging / "config"
         config_dir.mkdir()
         (config_dir / "hdf5_config.json").write_text(json.dumps(HDF5_CONFIG, indent=2) + "\n")
-        for split, ids in zip(("training", "validation", "testing"), split_subjects(subject_ids)):
+        splits = _split_by_poses(subject_ids, subsets) if poses else split_subjects(subject_ids)
+        for split, ids in zip(SUBSET_NAMES, splits):
             (config_dir / f"{split}_subjs.txt").write_text("".join(f"{s}\n" for s in ids))
-        (staging / "README.txt").write_text(_readme_text(subject_ids, shape, seed, streamlines_per_bundle))
+        readme = _readme_text(subject_ids, shape, seed, streamlines_per_bundle)
+        if poses:
+            (config_dir / "poses.tsv").write_text("subject\tsubset\tpose_deg\n" + "".join(
+                f"{s}\t{subset}\t{pose:g}\n" for s, subset, pose in
+                zip(subject_ids, (k for k, v in subsets.items() for _ in v), subject_poses)))
+            readme += _VARIED_README
+        (staging / "README.txt").write_text(readme)
     LOGGER.info("demo cohort of %d subjects written to %s in %.1f s", n_subjects, out_dir,
                 time.perf_counter() - started)
     return out_dir

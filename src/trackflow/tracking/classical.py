@@ -1,4 +1,5 @@
-"""Classical tracking: scilpy's ``scil_tracking_local`` on an fODF, the baseline of the quality benchmark.
+"""Classical tracking: scilpy's ``scil_tracking_local`` and MRtrix3's ``tckgen`` (iFOD2, SD_STREAM) on an
+fODF, the baselines of the quality benchmark.
 
 The learned trackers are scored next to this baseline on the same subject and the same seeds. Seeds are
 shared by position: ``seeds_from_mask`` draws exactly the positions that ``l2t_track_from_model`` /
@@ -15,6 +16,13 @@ Differences from our tracker that remain (scilpy's behaviour, not ours to change
 each half of a streamline during tracking and streamlines longer than it in total are then dropped, not
 truncated; the point that leaves the tracking mask is kept (as our default); a direction turning more than
 ``theta`` stops the streamline.
+
+MRtrix3 (``run_mrtrix_tracking``) reads SH in its own basis (``tournier07``): the fODF is converted with
+``scil_sh_convert`` first. tckgen 3.0 has no seed-list option; each seed becomes a finite seeder of its own
+(``-seed_grid_per_voxel`` with grid size 1 on a 3x3x3 image whose one set voxel is centred on the seed: a
+1x1x1 image gives no seed in tckgen 3.0.3), and tckgen uses finite seeders in turn, each seed once (with up to
+``-max_attempts_per_seed`` initial directions, tckgen's default 1000). Its cut-off on the fODF amplitude is
+tckgen's default (0.1): seeds below it count as invalid seed points and give no streamline.
 """
 
 import logging
@@ -39,6 +47,10 @@ LOGGER = logging.getLogger(__name__)
 
 SCILPY_LOCAL_TRACKING = "scil_tracking_local"
 SCILPY_ALGOS = ("det", "prob")
+MRTRIX_ALGOS = ("iFOD2", "SD_STREAM")
+MRTRIX_SH_BASIS = "tournier07"
+# Seeds per tckgen command: each takes 3 arguments, and the command line must stay well under ARG_MAX.
+MRTRIX_SEEDS_PER_RUN = 5000
 
 
 @dataclass
@@ -86,13 +98,12 @@ def seeds_from_mask(seeding_mask, *, rng_seed: int, npv: int | None = None,
     return generator.positions(torch.arange(n_seeds)).numpy()
 
 
-def _scilpy_executable() -> str:
+def _executable(name: str, package: str) -> str:
     # The venv's bin folder first: tests run as `.venv/bin/python -m pytest` without the venv on PATH.
     search_path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    executable = shutil.which(SCILPY_LOCAL_TRACKING, path=search_path)
+    executable = shutil.which(name, path=search_path)
     if executable is None:
-        raise TrackflowError(f"{SCILPY_LOCAL_TRACKING} not found beside {sys.executable} nor on PATH "
-                             "(is scilpy installed?)")
+        raise TrackflowError(f"{name} not found beside {sys.executable} nor on PATH (is {package} installed?)")
     return executable
 
 
@@ -115,13 +126,13 @@ def _checked_seeds(seeding_mask, npv, nt, seeds) -> tuple[np.ndarray | None, int
     return seeds, len(seeds)
 
 
-def _run_scilpy(command: list[str]) -> float:
-    """Run one scilpy command; its wall time in seconds, or its last error line as a TrackflowError."""
-    LOGGER.info("running %s", " ".join(command))
+def _run_tool(command: list[str], cwd=None) -> float:
+    """Run one external command; its wall time in seconds, or its last error line as a TrackflowError."""
+    LOGGER.info("running %s", " ".join(command) if len(command) < 40 else f"{' '.join(command[:20])} ...")
     started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True)
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
     if completed.returncode != 0:
-        raise TrackflowError(f"{SCILPY_LOCAL_TRACKING} failed (exit {completed.returncode}): "
+        raise TrackflowError(f"{Path(command[0]).name} failed (exit {completed.returncode}): "
                              f"{_failure_reason(completed.stderr)}")
     return time.perf_counter() - started
 
@@ -179,7 +190,7 @@ def run_scilpy_local_tracking(fodf, seeding_mask, tracking_mask, out, *, algo: s
     if out.suffix.lower() != ".trk":
         raise TrackflowError(f"the baseline tractogram must be a .trk file, got {out}")
     seeds, n_seeds = _checked_seeds(seeding_mask, npv, nt, seeds)
-    executable = _scilpy_executable()
+    executable = _executable(SCILPY_LOCAL_TRACKING, "scilpy")
 
     with tempfile.TemporaryDirectory(prefix="trackflow_seeds_") as seed_dir, \
             atomic_output(out, overwrite=overwrite) as tmp:
@@ -194,6 +205,82 @@ def run_scilpy_local_tracking(fodf, seeding_mask, tracking_mask, out, *, algo: s
             command += ["--in_custom_seeds", str(seed_file)]
         else:
             command += ["--npv", str(npv)] if npv is not None else ["--nt", str(nt)]
-        seconds = _run_scilpy(command)
+        seconds = _run_tool(command)
     LOGGER.info("%s %s: %d seeds in %.1f s -> %s", SCILPY_LOCAL_TRACKING, algo, n_seeds, seconds, out)
     return BaselineRun(out, n_seeds, seconds)
+
+
+def _write_seed_images(seeds: np.ndarray, affine: np.ndarray, folder: Path) -> list[str]:
+    """One 3x3x3 image per seed (vox/corner on ``affine``'s grid) whose centre voxel is centred on it; the
+    images' names, relative to ``folder``."""
+    centre_voxel = np.zeros((3, 3, 3), dtype=np.uint8)
+    centre_voxel[1, 1, 1] = 1
+    world = nib.affines.apply_affine(affine, seeds - 0.5)  # voxel centres are at integer vox/center
+    names = []
+    for k, position in enumerate(world):
+        seed_affine = affine.copy()
+        seed_affine[:3, 3] = position - affine[:3, :3] @ np.ones(3)  # voxel (1, 1, 1) at the seed
+        nib.save(nib.Nifti1Image(centre_voxel, seed_affine), folder / f"{k}.nii")
+        names.append(f"{k}.nii")
+    return names
+
+
+def run_mrtrix_tracking(fodf, tracking_mask, out, *, algo: str, step_size: float, theta: float,
+                        seeds: np.ndarray, min_length: float = 10.0, max_length: float = 300.0,
+                        sh_basis: str, nthreads: int = 2, overwrite: bool = False) -> BaselineRun:
+    """Track with MRtrix3's ``tckgen`` from the given seeds (each once, both directions); write ``out``.
+
+    Parameters
+    ----------
+    fodf : path
+        SH coefficients, [X, Y, Z, F], in ``sh_basis`` (converted to ``tournier07`` with
+        ``scil_sh_convert``).
+    tracking_mask : path
+        tckgen's ``-mask``: streamlines stop where they leave it.
+    out : path
+        ``.tck`` (RASMM), written atomically.
+    algo : {'iFOD2', 'SD_STREAM'}
+    step_size, theta, min_length, max_length : float
+        mm, degrees (tckgen's ``-angle``: largest angle between steps), mm, mm.
+    seeds : ndarray, shape (S, 3)
+        Seed positions, vox/corner on the fODF's grid (e.g. ``seeds_from_mask``).
+    nthreads : int
+        tckgen's ``-nthreads``.
+
+    Returns
+    -------
+    BaselineRun
+        ``seconds`` counts tckgen only (the basis conversion and the seed images are set-up).
+    """
+    out = Path(out)
+    check_inputs([fodf, tracking_mask])
+    check_outputs([out], overwrite, inputs=[fodf, tracking_mask])
+    if algo not in MRTRIX_ALGOS:
+        raise TrackflowError(f"algo must be one of {', '.join(MRTRIX_ALGOS)}, got {algo!r}")
+    if out.suffix.lower() != ".tck":
+        raise TrackflowError(f"the MRtrix tractogram must be a .tck file, got {out}")
+    seeds = np.asarray(seeds, dtype=np.float64)
+    if seeds.ndim != 2 or seeds.shape[1] != 3 or len(seeds) < 1:
+        raise TrackflowError(f"seeds must be an (S, 3) array with S >= 1, got shape {seeds.shape}")
+    tckgen = _executable("tckgen", "MRtrix3")
+    tckedit = _executable("tckedit", "MRtrix3")
+    convert = _executable("scil_sh_convert", "scilpy")
+
+    with tempfile.TemporaryDirectory(prefix="trackflow_mrtrix_") as work, \
+            atomic_output(out, overwrite=overwrite) as tmp:
+        work = Path(work)
+        sh = work / "fodf_tournier07.nii.gz"
+        _run_tool([convert, str(fodf), str(sh), sh_basis, MRTRIX_SH_BASIS])
+        names = _write_seed_images(seeds, nib.load(fodf).affine, work)
+        common = ["-algorithm", algo, "-step", str(step_size), "-angle", str(theta), "-minlength",
+                  str(min_length), "-maxlength", str(max_length), "-mask", str(Path(tracking_mask).resolve()),
+                  "-nthreads", str(nthreads), "-quiet", "-force"]
+        parts, seconds = [], 0.0
+        for start in range(0, len(names), MRTRIX_SEEDS_PER_RUN):
+            seed_options = [option for name in names[start:start + MRTRIX_SEEDS_PER_RUN]
+                            for option in ("-seed_grid_per_voxel", name, "1")]
+            parts.append(work / f"part_{len(parts)}.tck")
+            seconds += _run_tool([tckgen, str(sh), str(parts[-1]), *seed_options, *common], cwd=work)
+        _run_tool([tckedit, *map(str, parts), str(tmp), "-quiet", "-force"])
+    LOGGER.info("tckgen %s: %d seeds in %.1f s -> %s", algo, len(seeds), seconds, out)
+    return BaselineRun(out, len(seeds), seconds)
