@@ -63,7 +63,7 @@ from trackflow.data.hdf5.reader import HDF5Cohort  # noqa: E402
 from trackflow.data.streamlines import gather_ragged, offsets_from_lengths  # noqa: E402
 from trackflow.files import atomic_output  # noqa: E402
 from trackflow.models.transformers import TransformerSrcOnlyModel  # noqa: E402
-from trackflow.tracking.filtering import filter_streamlines  # noqa: E402
+from trackflow.tracking.filtering import ROUNDING_MM, filter_streamlines  # noqa: E402
 from trackflow.tracking.parallel import available_cpus, track_in_processes  # noqa: E402
 from trackflow.tracking.run import (SubjectInputs, TrackingOptions, build_tracker, max_points_for,  # noqa: E402
                                     process_count, read_subject_inputs)
@@ -171,8 +171,8 @@ def check_result(result, start: int, end: int, inputs: SubjectInputs, max_points
     if n_off:
         problems.append(f"seeds {start}..{end - 1}: {n_off} consecutive points not one step apart")
     kept = filter_streamlines(result, inputs.voxel_mm, args.min_length, args.max_steps * STEP_MM)
-    if len(kept.lengths_mm) and not (kept.lengths_mm.min() >= args.min_length - 1e-6
-                                     and kept.lengths_mm.max() <= args.max_steps * STEP_MM + 1e-6):
+    if len(kept.lengths_mm) and not (kept.lengths_mm.min() >= args.min_length - ROUNDING_MM
+                                     and kept.lengths_mm.max() <= args.max_steps * STEP_MM + ROUNDING_MM):
         problems.append(f"seeds {start}..{end - 1}: kept lengths outside {args.min_length}.."
                         f"{args.max_steps * STEP_MM} mm")
     return problems, len(kept.lengths_mm)
