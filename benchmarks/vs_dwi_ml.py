@@ -284,11 +284,17 @@ def print_ratios(runs: list) -> None:
 
 # -------------------------------------------------------------------------------------------------- main
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+def baseline_parser(description: str) -> argparse.ArgumentParser:
+    """The options every dwi_ml comparison takes: dwi_ml's virtualenv and the work folder."""
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     p.add_argument("--dwi_ml_env", type=Path, default=Path("/work/dwi_ml_env"),
                    help="dwi_ml's virtualenv (benchmarks/dwi_ml/setup.sh). [%(default)s]")
     p.add_argument("--work", type=Path, help="Work folder, kept and reused [a temporary folder].")
+    return p
+
+
+def parse_args():
+    p = baseline_parser(__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[5000, 50000],
                    help="Seed counts of the dwi_ml comparison. [%(default)s]")
     p.add_argument("--mrtrix_seeds", type=int, default=100000,

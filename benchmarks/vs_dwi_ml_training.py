@@ -12,7 +12,6 @@ The differences between the two trainers, read from both sources, are listed in 
     python benchmarks/vs_dwi_ml_training.py --work /tmp/vs_dwi_ml   # 3 seeds x 30 epochs each (~hours on 2 cores)
 """
 
-import argparse
 import json
 import shutil
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vs_dwi_ml import prepare_demo, run_measured
+from vs_dwi_ml import baseline_parser, prepare_demo, run_measured
 
 RECIPE = ["--step_size", "0.5", "--rnn_key", "gru", "--rnn_layer_sizes", "128", "128", "--nb_previous_dirs", "2",
           "--normalize_prev_dirs", "--neighborhood_type", "axes", "--neighborhood_radius", "1",
@@ -81,10 +80,7 @@ def print_comparison(runs: dict, seeds: list) -> None:
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--dwi_ml_env", type=Path, default=Path("/work/dwi_ml_env"),
-                   help="dwi_ml's virtualenv (benchmarks/dwi_ml/setup.sh). [%(default)s]")
-    p.add_argument("--work", type=Path, help="Work folder, kept and reused [a temporary folder].")
+    p = baseline_parser(__doc__.split("\n\n")[0])
     p.add_argument("--rng", type=int, nargs="+", default=[1, 2, 3], help="Training seeds. [%(default)s]")
     p.add_argument("--epochs", type=int, default=30, help="[%(default)s]")
     p.add_argument("--batches", type=int, default=20, help="Training batches per epoch. [%(default)s]")
