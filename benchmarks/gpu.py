@@ -73,7 +73,6 @@ MODELS = ("l2t", "tts")
 STEP_MM = 0.5  # the demo recipe's step
 RNG_SEED = 0
 WARMUP_SEEDS = 1000  # CUDA only: first calls (kernels, cuBLAS handles, allocator) before the timed seeds
-CPU_SLOTS = TrackingOptions().simultaneous_tracking  # the CLI's default, for the CPU reference
 STEP_TOLERANCE = 1e-3  # relative, on the distance between consecutive float32 points
 IDENTICAL_MM = 1e-4
 GUARD_MARGIN = 0.9  # share of a model's remaining time the projected seeds may fill
@@ -123,7 +122,7 @@ def build_models(args, nb_features: int, max_points: int) -> dict:
     return models
 
 
-def tracking_options(args, n_slots: int) -> TrackingOptions:
+def tracking_options(args, n_slots: int | None) -> TrackingOptions:
     # eos_stop 1: the EOS probability is never above it (random heads would stop anywhere)
     return TrackingOptions(algo="det", theta=180.0, eos_stop=1.0, discard_last_point=True,
                            min_length=args.min_length, max_length=args.max_steps * STEP_MM,
@@ -209,12 +208,13 @@ def track_timed(make_tracker, start: int, end: int, device, processes: int) -> t
 def cpu_reference(model, inputs: SubjectInputs, args) -> dict:
     """Seeds 0..N-1 tracked as the CLI tracks on the CPU; returns the result and its figures."""
     cpu = torch.device("cpu")
-    options = tracking_options(args, CPU_SLOTS)
+    options = tracking_options(args, None)  # the CLI's default slots (the model's)
     processes = process_count(options, cpu)
     n_seeds = min(args.compare_cpu, args.seeds, args.probe_seeds)  # seeds of the first timed range
     result, seconds = track_timed(lambda: build_tracker(model, inputs, options, STEP_MM, RNG_SEED, cpu), 0, n_seeds,
                                   cpu, processes)
-    return {"result": result, "wall_s": seconds, "processes": processes, "slots": CPU_SLOTS}
+    return {"result": result, "wall_s": seconds, "processes": processes,
+            "slots": options.simultaneous_tracking or model.default_tracking_slots}
 
 
 @dataclass

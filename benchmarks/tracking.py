@@ -51,6 +51,7 @@ class FullRecomputeModel:
         self.direction_getter = model.direction_getter
 
     tracking_window = 1  # the streamlines so far are kept in the state
+    prefills_prefixes = True
 
     def new_tracking_state(self, volume, n_slots, max_points):
         return {"volume": volume,
@@ -60,11 +61,12 @@ class FullRecomputeModel:
     def reset_tracking_rows(self, state, rows, points, lengths):
         """Store points[b, :lengths[b]-1] and their inputs (dwi_ml reuses the forward half's inputs)."""
         n_points = min(points.shape[1], state["points"].shape[1])
-        state["points"][rows, :n_points] = points[:, :n_points]
-        is_prefix = torch.arange(points.shape[1], device=points.device)[None] < (lengths - 1)[:, None]
+        points = points[:, :n_points]
+        state["points"][rows, :n_points] = points
+        is_prefix = torch.arange(n_points, device=points.device)[None] < (lengths - 1)[:, None]
         if bool(is_prefix.any()):
             inputs = state["inputs"][rows]
-            inputs[is_prefix] = self.model.compute_inputs(state["volume"], points[is_prefix])
+            inputs[:, :n_points][is_prefix] = self.model.compute_inputs(state["volume"], points[is_prefix])
             state["inputs"][rows] = inputs
 
     @torch.no_grad()
@@ -82,6 +84,18 @@ class FullRecomputeModel:
         lines = state["points"][rows][:, :n_points][is_real]
         raw = self.model(list(inputs.split(split)), list(lines.split(split)))  # [sum L, K]
         return raw[torch.cumsum(lengths, 0) - 1]
+
+
+def rebuild_from_prefixes(model, state, rows, points, lengths):
+    """The rows' state after ``points[b, :lengths[b]-1]``: one reset where the model prefills prefixes, else
+    (a recurrent model) a reset and then the prefix point by point, as dwi_ml's recurrent model reruns it."""
+    if model.prefills_prefixes:
+        model.reset_tracking_rows(state, rows, points, lengths)
+        return
+    model.reset_tracking_rows(state, rows, points, torch.ones_like(lengths))
+    for length in range(1, int(lengths.max())):
+        feeding = (lengths > length).nonzero().squeeze(1)
+        model.tracking_step(state, rows[feeding], points[feeding], torch.full_like(feeding, length))
 
 
 @torch.no_grad()
@@ -107,7 +121,7 @@ def reference_track(model, volume, criterion, seeds, params: TrackingParameters,
             reversed_lines = [lines[i].flip(0) for i in keep]
             lengths = torch.tensor([len(line) for line in reversed_lines])
             padded = torch.nn.utils.rnn.pad_sequence(reversed_lines, batch_first=True)
-            model.reset_tracking_rows(state, torch.tensor(keep), padded, lengths)
+            rebuild_from_prefixes(model, state, torch.tensor(keep), padded, lengths)
             for i, line in zip(keep, _reference_propagate(model, head, state, criterion, reversed_lines, keep,
                                                           params)):
                 group_out[i] = line

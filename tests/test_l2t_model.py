@@ -110,26 +110,38 @@ def test_tracking_steps_equal_whole_sequence(config, volume, generator):
 
 
 @pytest.mark.parametrize("config", CONFIGS[:3])
-def test_ragged_reset_then_steps_equal_whole_sequence(config, volume, generator):
+def test_ragged_steps_equal_whole_sequence(config, volume, generator):
+    # How the tracker replays a backward half's prefix: rows that started at different times step together,
+    # each at its own length, in one call.
     torch.manual_seed(1)
     model = make_model(**config).eval()
     lengths = torch.tensor([6, 2, 8, 5, 8, 1])
-    prefix = torch.tensor([3, 1, 8, 5, 2, 1])  # points already consumed + 1 (the reset lengths)
+    started_at = torch.tensor([2, 0, 0, 3, 6, 1])  # the call at which each row feeds its first point
     streamlines = random_streamlines(lengths.tolist(), generator)
     expected = whole_sequence_outputs(model, volume, streamlines)
     points = padded(streamlines)
     state = model.new_tracking_state(volume, n_slots=10, max_points=points.shape[1])
     slots = torch.tensor([9, 0, 4, 2, 7, 5])
     model.tracking_step(state, slots, points, lengths)  # garbage state that the reset must replace
-    model.reset_tracking_rows(state, slots, points, prefix)
+    model.reset_tracking_rows(state, slots, points, torch.ones_like(lengths))
 
-    current = prefix.clone()  # each row steps at its own length: ragged lengths within one call
-    while bool((current <= lengths).any()):
-        active = (current <= lengths).nonzero().squeeze(1)
+    for call in range(int((started_at + lengths).max())):
+        current = call - started_at + 1  # the point each row feeds now, counted from 1
+        active = ((current >= 1) & (current <= lengths)).nonzero().squeeze(1)
         out = model.tracking_step(state, slots[active], points[active], current[active])
         for row, b in enumerate(active.tolist()):
             torch.testing.assert_close(out[row], expected[b][current[b] - 1], atol=1e-5, rtol=0)
-        current[active] += 1
+
+
+def test_a_prefix_reset_is_refused(volume, generator):
+    # Learn2track takes prefixes through its steps (prefills_prefixes is False): a longer reset is an error,
+    # never a silently wrong state.
+    model = make_model().eval()
+    assert not model.prefills_prefixes
+    state = model.new_tracking_state(volume, 2, 4)
+    points = padded(random_streamlines([4, 1], generator))
+    with pytest.raises(ValueError, match="through tracking steps"):
+        model.reset_tracking_rows(state, torch.tensor([0, 1]), points, torch.tensor([4, 1]))
 
 
 def test_forward_does_not_depend_on_batch_composition(volume, generator):
@@ -260,7 +272,9 @@ def test_cnn_embedding_runs_on_grid_neighbourhood(volume, generator):
     outputs = whole_sequence_outputs(model, volume, streamlines)
     state = model.new_tracking_state(volume, 2, 4)
     points = padded(streamlines)
-    model.reset_tracking_rows(state, torch.tensor([0, 1]), points, torch.tensor([4, 1]))
+    model.reset_tracking_rows(state, torch.tensor([0, 1]), points, torch.tensor([1, 1]))
+    for length in (1, 2, 3):
+        model.tracking_step(state, torch.tensor([0]), points[:1], torch.tensor([length]))
     out = model.tracking_step(state, torch.tensor([0, 1]), points, torch.tensor([4, 1]))
     torch.testing.assert_close(out, torch.stack([outputs[0][3], outputs[1][0]]), atol=1e-5, rtol=0)
 
@@ -282,29 +296,30 @@ def test_params_for_checkpoint_rebuild_the_same_model():
 
 @pytest.mark.parametrize("rnn_key", ["gru", "lstm"])
 def test_tracking_rows_are_bit_identical_alone_or_with_others(rnn_key, volume, generator):
-    """A row's prefilled state and next step output are the same bits whether the row is handled alone
-    or together with rows of other prefix lengths (the rule behind slot-count independent tracking)."""
+    """A row's outputs are the same bits whether it steps alone or together with rows at other lengths (a
+    replaying prefix beside proposing rows): the rule behind slot-count independent tracking."""
     torch.manual_seed(3)
     model = make_model(rnn_key=rnn_key, dropout=0.0).eval()
-    reset_lengths = [9, 2, 14, 5, 1, 7, 11]  # points consumed + 1; 1 = plain reset
-    streamlines = random_streamlines(reset_lengths, generator)
-    points, lengths = padded(streamlines), torch.tensor(reset_lengths)
-    n_rows = len(reset_lengths)
+    lengths = torch.tensor([9, 2, 14, 5, 1, 7, 11])
+    started_at = torch.tensor([0, 4, 1, 0, 9, 2, 3])
+    streamlines = random_streamlines(lengths.tolist(), generator)
+    points, n_rows = padded(streamlines), len(lengths)
     together = model.new_tracking_state(volume, n_rows, points.shape[1])
-    model.reset_tracking_rows(together, torch.arange(n_rows), points, lengths)
-    prefilled = [[t.clone() for t in layer] for layer in together.hidden]
-    together_out = model.tracking_step(together, torch.arange(n_rows), points, lengths)
+    model.reset_tracking_rows(together, torch.arange(n_rows), points, torch.ones_like(lengths))
+    together_out = {}
+    for call in range(int((started_at + lengths).max())):
+        current = call - started_at + 1
+        active = ((current >= 1) & (current <= lengths)).nonzero().squeeze(1)
+        out = model.tracking_step(together, active, points[active], current[active])
+        for row, b in enumerate(active.tolist()):
+            together_out[b, int(current[b])] = out[row]
     for b in range(n_rows):
-        length = reset_lengths[b]
         # alone, without padding, in a different slot of a bigger state
-        alone = model.new_tracking_state(volume, 3, length)
-        model.reset_tracking_rows(alone, torch.tensor([2]), streamlines[b][None], lengths[b:b + 1])
-        for together_layer, alone_layer in zip(prefilled, alone.hidden):
-            for together_tensor, alone_tensor in zip(together_layer, alone_layer):
-                assert torch.equal(together_tensor[b], alone_tensor[2])
-                assert bool(together_tensor[b].any()) == (length > 1)
-        alone_out = model.tracking_step(alone, torch.tensor([2]), streamlines[b][None], lengths[b:b + 1])
-        assert torch.equal(together_out[b], alone_out[0])
+        alone = model.new_tracking_state(volume, 3, int(lengths[b]))
+        model.reset_tracking_rows(alone, torch.tensor([2]), streamlines[b][None], torch.tensor([1]))
+        for length in range(1, int(lengths[b]) + 1):
+            out = model.tracking_step(alone, torch.tensor([2]), streamlines[b][None], torch.tensor([length]))
+            assert torch.equal(together_out[b, length], out[0])
 
 
 def test_inputs_interpolated_in_chunks_equal_those_in_one_go(volume, generator, monkeypatch):

@@ -63,6 +63,7 @@ class FieldModel:
                 "scratch": n_slots - 1}
 
     tracking_window = 2  # the last point and the one before it
+    prefills_prefixes = True
 
     def _check_invariant(self, state, rows, points, lengths, in_window):
         real = rows != state["scratch"]
@@ -95,6 +96,16 @@ class FieldModel:
         state["consumed"][rows] = lengths - 1
         b = torch.arange(len(rows))
         state["last"][rows] = points[b, (lengths - 2).clamp(min=0)]
+
+
+class ReplayingFieldModel(FieldModel):
+    """The same model taking prefixes one point at a time, as a recurrent model: the tracker replays them."""
+
+    prefills_prefixes = False
+
+    def reset_tracking_rows(self, state, rows, points, lengths):
+        assert bool((lengths == 1).all())  # never asked to prefill
+        super().reset_tracking_rows(state, rows, points, lengths)
 
 
 class FixedSeeds:
@@ -264,11 +275,14 @@ def curved_world():
 
 
 @pytest.mark.parametrize("algo, sampling", [("det", "cone"), ("prob", "full"), ("prob", "cone")])
-def test_same_tractogram_whatever_the_number_of_slots(algo, sampling):
+@pytest.mark.parametrize("model_class", [FieldModel, ReplayingFieldModel])
+def test_same_tractogram_whatever_the_number_of_slots(algo, sampling, model_class):
+    # The replaying model's invariant checks (FieldModel._check_invariant) assert that the replay feeds each
+    # backward half's prefix point by point, at the right lengths.
     field, mask, eos = curved_world()
     results = []
     for n_slots in (1, 5, 32):
-        model = FieldModel(field, eos, head=FieldHead(jitter=0.8))
+        model = model_class(field, eos, head=FieldHead(jitter=0.8))
         seeds = SeedGenerator(mask, rng_seed=3)
         tracker = Tracker(model, torch.zeros(1, 1, 1, 1), MaskStoppingCriterion(torch.as_tensor(mask)), seeds,
                           make_direction_decoder(algo, model.direction_getter, 11, sampling, theta_deg=50),
@@ -283,6 +297,47 @@ def test_same_tractogram_whatever_the_number_of_slots(algo, sampling):
         np.testing.assert_array_equal(other.lengths, first.lengths)
         np.testing.assert_array_equal(other.points, first.points)
         np.testing.assert_array_equal(other.end_reasons, first.end_reasons)
+
+
+@pytest.mark.parametrize("algo", ["det", "prob"])
+def test_replayed_prefixes_give_the_prefilled_tractogram(algo):
+    field, mask, eos = curved_world()
+    results, calls = [], []
+    for model_class in (FieldModel, ReplayingFieldModel):
+        model = model_class(field, eos, head=FieldHead(jitter=0.8))
+        tracker = Tracker(model, torch.zeros(1, 1, 1, 1), MaskStoppingCriterion(torch.as_tensor(mask)),
+                          SeedGenerator(mask, rng_seed=3),
+                          make_direction_decoder(algo, model.direction_getter, 11, "cone", theta_deg=50),
+                          TrackingParameters(step_size_vox=0.5, max_points=16, theta_deg=50, eos_threshold=0.5,
+                                             n_slots=7, check_every=3))
+        results.append(tracker.track(60))
+        calls.append(model.calls)
+    prefilled, replayed = results
+    for name in ("lengths", "points", "end_reasons", "seeds"):
+        np.testing.assert_array_equal(getattr(replayed, name), getattr(prefilled, name))
+    assert calls[1] > calls[0]  # the replays took steps
+
+
+class PrefixStarts(FixedSeeds):
+    """Streamlines that start as given first points (generation validation)."""
+
+    def __init__(self, starts):
+        self.starts = torch.as_tensor(starts, dtype=torch.float32)
+        super().__init__(self.starts[:, 0])
+
+    def start_points(self, seed_indices):
+        return self.starts[seed_indices]
+
+
+@pytest.mark.parametrize("model_class", [FieldModel, ReplayingFieldModel])
+def test_a_start_of_several_points_goes_on_from_its_last_point(model_class):
+    starts = [[(1.5, 2.5, 2.5), (2.5, 2.5, 2.5), (3.5, 2.5, 2.5)]]
+    result, (line,) = track(model_class(x_field()), VolumeStoppingCriterion((10, 5, 5)), PrefixStarts(starts),
+                            track_forward_only=True)
+    assert xs(line) == [1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 9.5, 10.5]
+    np.testing.assert_array_equal(result.seeds, [starts[0][0]])
+    with pytest.raises(TrackflowError, match="track_forward_only"):
+        track(model_class(x_field()), VolumeStoppingCriterion((10, 5, 5)), PrefixStarts(starts))
 
 
 def test_prob_tracking_depends_on_rng_seed():

@@ -103,7 +103,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     device.add_argument("--use_gpu", action="store_true",
                         help="Track on the GPU (CUDA); falls back to the CPU with a warning.")
     device.add_argument("--simultaneous_tracking", type=positive_int, default=defaults.simultaneous_tracking,
-                        help="Streamlines tracked at once (slots of the batched tracker). [%(default)s]")
+                        help="Streamlines tracked at once (slots of the batched tracker) [the model's: 4000 for "
+                             "Learn2track, 1000 for the transformers, whose caches grow with it].")
     device.add_argument("--processes", type=positive_int,
                         help="CPU processes sharing the seeds, one torch thread each; the same streamlines "
                              "for any number [every core the job was given: CPU affinity or "

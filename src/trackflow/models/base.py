@@ -227,6 +227,14 @@ class MainModel(nn.Module, abc.ABC):
     def new_tracking_state(self, volume: torch.Tensor, n_slots: int, max_points: int):
         """A preallocated tracking state with ``n_slots`` slots on the volume's device."""
 
+    # Whether ``reset_tracking_rows`` rebuilds a state from a whole prefix in one call. True for a model that
+    # takes every position at once (a transformer's cache fill); a recurrent model sets it False, takes only
+    # ``lengths == 1`` resets, and the tracker replays prefixes through ordinary steps (``tracking/tracker.py``).
+    prefills_prefixes = True
+    # Slots tracked at once when the user gives none (--simultaneous_tracking): where a CPU step stops getting
+    # cheaper per row. A transformer's caches grow with the slots x the longest streamline.
+    default_tracking_slots = 1000
+
     @property
     @abc.abstractmethod
     def tracking_window(self) -> int:
@@ -260,6 +268,7 @@ class MainModel(nn.Module, abc.ABC):
                             lengths: torch.Tensor) -> None:
         """Make the rows' state equal to having consumed ``points[b, :lengths[b]-1]``.
 
-        ``lengths == 1`` is a plain reset (new seed); longer prefixes rebuild the state (backward half).
+        ``lengths == 1`` is a plain reset (new seed); longer prefixes rebuild the state (backward half), only
+        where ``prefills_prefixes``.
         Unlike ``tracking_step``, ``points`` [B, T, 3] holds the whole padded streamlines (T >= lengths).
         """

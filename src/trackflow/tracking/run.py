@@ -77,7 +77,7 @@ class TrackingOptions:
     compress_th: float | None = None
     save_seeds: bool = False
     use_gpu: bool = False
-    simultaneous_tracking: int = 1000
+    simultaneous_tracking: int | None = None  # None: the model's default_tracking_slots
     overwrite: bool = False
     processes: int | None = None
     seed_range: tuple | None = None
@@ -254,7 +254,7 @@ def build_tracker(model, inputs: SubjectInputs, options: TrackingOptions, step_m
                                 eos_threshold=eos_rule,
                                 track_forward_only=options.track_forward_only,
                                 discard_last_point=options.discard_last_point,
-                                n_slots=options.simultaneous_tracking)
+                                n_slots=options.simultaneous_tracking or model.default_tracking_slots)
     decoder = make_direction_decoder(options.algo, model.direction_getter, rng_seed, options.prob_sampling,
                                      options.theta)
     return Tracker(model, volume_tensor, criterion, SeedGenerator(inputs.seeding_mask, rng_seed, device), decoder,
@@ -331,7 +331,7 @@ def track_from_experiment(model_family: str, experiment_path, subj_id: str, inpu
     processes = process_count(options, device)
     # In a log (no progress bar there) this line says that tracking has started.
     LOGGER.info("tracking seeds %d..%d of %s with %s (%s, %d in flight, %d process%s)", start, end - 1, subj_id,
-                type(model).__name__, options.algo, options.simultaneous_tracking, processes,
+                type(model).__name__, options.algo, tracker.params.n_slots, processes,
                 "" if processes == 1 else "es")
 
     started = time.perf_counter()

@@ -12,9 +12,16 @@ growing. Steps run on a fixed set of rows taken at the last check, with no host 
 stopped since are redirected to one extra scratch slot (index ``n_slots``) so that the model never sees a
 stopped row again. A step proposes one point per row (``_propose_steps``), then appends it or stops the row
 (``_accept_steps``). Every ``check_every`` steps one small host check (``_turn_finish_and_refill``) (a) turns
-finished forward halves around (reversed in place, seed last, the model state rebuilt with
-``reset_tracking_rows``), (b) copies finished streamlines out in bulk and (c) refills the free slots with
+finished forward halves around (reversed in place, seed last, the model state rebuilt: see below), (b) copies finished streamlines out in bulk and (c) refills the free slots with
 the next seeds.
+
+Rebuilding a state from a prefix (the reversed forward half, or the given first points of a start): a model
+that can take a whole prefix at once (``prefills_prefixes``: a transformer fills its cache for every position
+in one pass) gets it through ``reset_tracking_rows``. A recurrent model can only take it one point at a time;
+its rows are reset and then *replay* the prefix through the ordinary batched steps (``fed`` < length - 1: the
+step feeds the row's next stored point and proposes nothing), so that a replay shares the products of every
+other row instead of running its own long chain of small steps at the check (measured: the replays of a GRU
+2x64 took more time than all of its tracking steps).
 
 Rules (spec §6.4, with dwi_ml's defects fixed): a new point is refused when the head gives no finite
 direction, when the EOS rule says 'end' (probability above the threshold, or EOS most likely), or when
@@ -137,7 +144,8 @@ class SlotState:
     halves: the sampled decoder's counter); prev_dir: float32 [S, 3] (last appended unit step, or the start
     direction of a backward half); has_prev: bool [S]; first_dir: float32 [S, 3] (the first forward direction,
     appended or not); forced: bool [S] (the next step goes along ``prev_dir``); end_reasons: int8 [S, 2]
-    (``StopReason`` of the forward and the backward end).
+    (``StopReason`` of the forward and the backward end); fed: long [S] (points of the streamline the model has
+    consumed; ``lengths - 1`` before a proposing step, less while the row replays its prefix).
     """
 
     positions: torch.Tensor
@@ -152,6 +160,7 @@ class SlotState:
     first_dir: torch.Tensor
     forced: torch.Tensor
     end_reasons: torch.Tensor
+    fed: torch.Tensor
 
     @classmethod
     def allocate(cls, n_rows: int, max_points: int, device) -> "SlotState":
@@ -165,13 +174,15 @@ class SlotState:
                    step_counter=torch.zeros(n_rows, dtype=torch.long, device=device),
                    prev_dir=torch.zeros(n_rows, 3, device=device), has_prev=flags(),
                    first_dir=torch.zeros(n_rows, 3, device=device), forced=flags(),
-                   end_reasons=torch.zeros(n_rows, 2, dtype=torch.int8, device=device))
+                   end_reasons=torch.zeros(n_rows, 2, dtype=torch.int8, device=device),
+                   fed=torch.zeros(n_rows, dtype=torch.long, device=device))
 
     def reset(self, rows: torch.Tensor) -> None:
         """Make ``rows`` live, active forward halves of one point at the origin, with no step taken yet
         (the caller writes the seed point and index)."""
         self.positions[rows] = 0.0
         self.lengths[rows] = 1
+        self.fed[rows] = 0
         self.step_counter[rows] = 0
         self.prev_dir[rows] = 0.0
         self.has_prev[rows] = False
@@ -188,11 +199,12 @@ class StepProposal:
     """The next step proposed for each of B rows, before the stopping criterion sees it.
 
     row_active: bool [B] (False: the row stopped since the last check and the model ran on the scratch
-    slot); last: float32 [B, 3] current last point; unit: float32 [B, 3] unit step direction (0 where none);
+    slot); proposing: bool [B] (active and not replaying its prefix: only these rows may append or stop); last: float32 [B, 3] current last point; unit: float32 [B, 3] unit step direction (0 where none);
     no_direction, eos, too_sharp: bool [B], the three refusals; valid: bool [B], none of them.
     """
 
     row_active: torch.Tensor
+    proposing: torch.Tensor
     last: torch.Tensor
     unit: torch.Tensor
     no_direction: torch.Tensor
@@ -213,7 +225,9 @@ class Tracker:
     volume : Tensor [X, Y, Z, F]
         Model input volume, on the tracking device.
     stopping_criterion : object with ``check_points(points[B, 3]) -> int8[B]`` (``StreamlineStatus``)
-    seed_generator : object with ``positions(seed_indices[B]) -> [B, 3]``
+    seed_generator : object with ``positions(seed_indices[B]) -> [B, 3]``, and optionally
+        ``start_points(seed_indices[B]) -> [B, K, 3]``: streamlines that start as their first K points (the
+        last one is where tracking goes on; K > 1 only with ``track_forward_only``, e.g. generation validation)
     decoder : object with ``directions(raw[B, K], seed_indices[B], step_counts[B], previous[B, 3],
         has_previous[B]) -> [B, 3]`` (previous: the unit step the new one must not turn too sharply from)
         From ``decoders.make_direction_decoder``.
@@ -270,7 +284,8 @@ class Tracker:
         p, s = self.params, self.slots
         row_active = s.active[rows]
         model_rows = torch.where(row_active, rows, self.scratch)
-        model_lengths = s.lengths[model_rows]  # [B]
+        model_lengths = s.fed[model_rows] + 1  # [B], the point fed now included
+        proposing = row_active & (model_lengths == s.lengths[rows])
         window = self._last_points(model_rows, model_lengths)  # [B, W, 3]
         raw = self.model.tracking_step(self.model_state, model_rows, window, model_lengths)
 
@@ -283,7 +298,7 @@ class Tracker:
         unit = torch.nan_to_num(unit)
         # A backward half whose forward half is only the seed takes its first step along -first_dir:
         # the model, given the same lone seed, would only repeat the step that failed.
-        forced = s.forced[rows] & row_active
+        forced = s.forced[rows] & proposing
         unit = torch.where(forced[:, None], s.prev_dir[rows], unit)
         no_direction &= ~forced
 
@@ -293,7 +308,7 @@ class Tracker:
         too_sharp = s.has_prev[rows] & (cosine < self.cos_theta) & ~no_direction
         valid = ~no_direction & ~eos & ~too_sharp
         last = window[torch.arange(len(rows), device=rows.device), model_lengths.clamp(max=self.window) - 1]
-        return StepProposal(row_active, last, unit, no_direction, eos, too_sharp, valid)
+        return StepProposal(row_active, proposing, last, unit, no_direction, eos, too_sharp, valid)
 
     def _eos(self, raw: torch.Tensor) -> torch.Tensor | None:
         """bool [B]: the head says 'end here' under the EOS rule; None without a rule or an EOS output."""
@@ -317,12 +332,12 @@ class Tracker:
         """Append the valid proposed points the stopping criterion allows, stop the rows that cannot go on
         (recording why) and update the direction bookkeeping of ``rows``."""
         p, s = self.params, self.slots
-        row_active = proposal.row_active
+        row_active, proposing = proposal.row_active, proposal.proposing
         lengths = s.lengths[rows]
         new_points = proposal.last + p.step_size_vox * proposal.unit
         status = self.criterion.check_points(new_points)
         in_tracking = status == StreamlineStatus.TRACKPOINT
-        append = row_active & proposal.valid & (in_tracking | (not p.discard_last_point))
+        append = proposing & proposal.valid & (in_tracking | (not p.discard_last_point))
         new_lengths = lengths + append.long()
         keep_going = append & in_tracking & (new_lengths < p.max_points)
 
@@ -332,19 +347,20 @@ class Tracker:
         s.positions[rows, write_at] = torch.where(append[:, None], new_points, current)
         s.lengths[rows] = new_lengths
 
-        first_step = row_active & ~s.backward[rows] & (s.step_counter[rows] == 0)
+        first_step = proposing & ~s.backward[rows] & (s.step_counter[rows] == 0)
         s.first_dir[rows] = torch.where(first_step[:, None], proposal.unit, s.first_dir[rows])
         s.prev_dir[rows] = torch.where(append[:, None], proposal.unit, s.prev_dir[rows])
         s.has_prev[rows] |= append
-        s.step_counter[rows] += row_active.long()
+        s.step_counter[rows] += proposing.long()
+        s.fed[rows] += row_active.long()
         s.forced[rows] = False
 
-        stopping = row_active & ~keep_going
+        stopping = proposing & ~keep_going
         reason = _stop_reasons(status, proposal)
         end = s.backward[rows].long()
         flat = s.end_reasons.view(-1)
         flat[rows * 2 + end] = torch.where(stopping, reason.to(torch.int8), flat[rows * 2 + end])
-        s.active[rows] = row_active & keep_going
+        s.active[rows] = row_active & (keep_going | ~proposing)
 
     # ---------------------------------------------------------------- the periodic host check
     def _turn_finish_and_refill(self, next_seed: int, end: int, n_slots: int, progress) -> int:
@@ -388,7 +404,7 @@ class Tracker:
         s = self.slots
         lengths = s.lengths[rows]
         s.positions[rows] = reverse_prefixes(s.positions[rows], lengths)
-        self.model.reset_tracking_rows(self.model_state, rows, s.positions[rows], lengths)
+        self._feed_prefixes(rows, lengths)
         # Backward starts against the first forward step, even when that step was not kept.
         s.prev_dir[rows] = -s.first_dir[rows]
         s.has_prev[rows] = s.first_dir[rows].abs().sum(dim=1) > 0
@@ -396,14 +412,39 @@ class Tracker:
         s.backward[rows] = True
         s.active[rows] = True
 
+    def _feed_prefixes(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Rebuild the rows' model state from their first ``lengths - 1`` points (the last one goes with the
+        next step): at once where the model prefills prefixes, else by replaying them in the next steps."""
+        s = self.slots
+        if self.model.prefills_prefixes:
+            self.model.reset_tracking_rows(self.model_state, rows, s.positions[rows, :int(lengths.max())],
+                                           lengths)
+            s.fed[rows] = lengths - 1
+        else:
+            self.model.reset_tracking_rows(self.model_state, rows, s.positions[rows, :1],
+                                           torch.ones_like(lengths))
+            s.fed[rows] = 0
+
     def _start_seeds(self, rows: torch.Tensor, seed_indices: torch.Tensor) -> None:
         s = self.slots
-        seeds = self.seeds.positions(seed_indices).to(s.positions.dtype)
+        if hasattr(self.seeds, "start_points"):
+            starts = self.seeds.start_points(seed_indices).to(s.positions.dtype)  # [B, K, 3]
+        else:
+            starts = self.seeds.positions(seed_indices).to(s.positions.dtype)[:, None]
+        n_points = starts.shape[1]
+        if n_points > 1 and not self.params.track_forward_only:
+            # A backward half would start against a first step that the tracker never took.
+            raise TrackflowError("streamlines that start as several points need track_forward_only")
         s.reset(rows)
-        s.positions[rows, 0] = seeds
+        s.positions[rows, :n_points] = starts
+        s.lengths[rows] = n_points
         s.seed_index[rows] = seed_indices
-        self.model.reset_tracking_rows(self.model_state, rows, s.positions[rows, :1],
-                                       torch.ones_like(seed_indices))
+        if n_points > 1:
+            last_step = starts[:, -1] - starts[:, -2]
+            s.prev_dir[rows] = last_step / last_step.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            s.has_prev[rows] = True
+        self._feed_prefixes(rows, s.lengths[rows])
+        seeds = starts[:, -1]
         if self.params.discard_last_point:
             # Every kept point must be inside: a seed outside stays a single, finished point.
             outside = self.criterion.check_points(seeds) != StreamlineStatus.TRACKPOINT

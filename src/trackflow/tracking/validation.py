@@ -41,31 +41,16 @@ class ValidationSubject:
 
 
 class _Starts:
-    """Seed positions of the tracker: the first point of each start (what the tracking result records)."""
+    """The tracker's starts: the given first points of each streamline (the first one is its seed)."""
 
     def __init__(self, starts: torch.Tensor):
-        self.starts = starts
+        self.starts = starts  # [S, K, 3]
 
     def positions(self, seed_indices: torch.Tensor) -> torch.Tensor:
         return self.starts[seed_indices, 0]
 
-
-class _PrefixTracker(Tracker):
-    """The tracker, started from given first points of each streamline instead of a single seed."""
-
-    def _start_seeds(self, rows: torch.Tensor, seed_indices: torch.Tensor) -> None:
-        s = self.slots
-        starts = self.seeds.starts[seed_indices].to(s.positions.dtype)  # [B, K, 3]
-        n_points = starts.shape[1]
-        s.reset(rows)
-        s.positions[rows, :n_points] = starts
-        s.lengths[rows] = n_points
-        s.seed_index[rows] = seed_indices
-        last_step = starts[:, -1] - starts[:, -2]
-        s.prev_dir[rows] = last_step / last_step.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        s.has_prev[rows] = True
-        lengths = torch.full_like(seed_indices, n_points)
-        self.model.reset_tracking_rows(self.model_state, rows, s.positions[rows, :n_points], lengths)
+    def start_points(self, seed_indices: torch.Tensor) -> torch.Tensor:
+        return self.starts[seed_indices]
 
 
 def read_validation_subjects(cohort: HDF5Cohort, subjects: list[str], input_group: str, streamline_group: str,
@@ -109,7 +94,7 @@ def tracking_validation_score(model, subjects: list[ValidationSubject], step_mm:
                                     max_points=max_points_for(max_length_mm, step_mm),
                                     theta_deg=180.0, eos_threshold=0.5, track_forward_only=True,
                                     discard_last_point=True, n_slots=n_slots)
-        tracker = _PrefixTracker(model, subject.volume, MaskStoppingCriterion(subject.mask),
+        tracker = Tracker(model, subject.volume, MaskStoppingCriterion(subject.mask),
                                  _Starts(subject.starts), DeterministicDecoder(model.direction_getter), params)
         result = tracker.track(len(subject.starts))
         last_points = result.points[np.cumsum(result.lengths) - 1]
