@@ -41,12 +41,15 @@ import torch
 from trackflow.data.demo import make_demo_cohort
 from trackflow.data.hdf5.creation import create_hdf5_dataset
 from trackflow.data.streamlines import euclidean_lengths
+from trackflow.models.l2t import Learn2TrackModel
 from trackflow.models.persistence import load_experiment_model
+from trackflow.models.transformers import OriginalTransformerModel
 from trackflow.tracking.parallel import track_in_processes
 from trackflow.tracking.run import TrackingOptions, build_tracker, process_count, read_subject_inputs
 from trackflow.tracking.tracker import StopReason
 
 THREADS = "2"
+GNU_TIME = "/usr/bin/time"
 SUBJECT = "sub-04"  # the demo's testing subject
 DEMO_SH_BASIS = "descoteaux07"  # the demo's fODF basis (its README.txt)
 TRAINING_STEP_MM = 1.0
@@ -61,6 +64,10 @@ PEERS = {
            "--nheads", "4", "--n_layers_e", "2", "--n_layers_d", "2", "--dropout_rate", "0.1", "--max_len", "1000"],
 }
 DWI_ML_IN_FLIGHT = (500, 5000)
+# trackflow's slots per process when none is given (each model's default_tracking_slots)
+DEFAULT_SLOTS = {"l2t": Learn2TrackModel.default_tracking_slots, "tt": OriginalTransformerModel.default_tracking_slots}
+# (seeds, small and large slot counts, one process) of the memory-per-slot measurement: every slot is filled
+SLOT_MEMORY_RUNS = {"l2t": (20000, 1000, 20000), "tt": (5000, 1000, 5000)}
 
 
 @dataclass
@@ -88,20 +95,24 @@ def thread_env(threads: str = THREADS) -> dict:
 
 def run_measured(command: list, log: Path, threads: str = THREADS) -> tuple:
     """Run ``command`` (output to ``log``) with ``threads`` OpenMP threads; return (wall seconds, peak RSS in
-    MB of it or of its largest child)."""
+    MB of it or of its largest child).
+
+    The peak RSS comes from ``/usr/bin/time`` (GNU time), not from this process's own ``wait4``: a child forked
+    from this process counts the parent's resident pages (torch: ~700 MB) in its ``ru_maxrss`` before its
+    exec, whatever it runs (measured: tckgen read as 696 MB)."""
+    if not Path(GNU_TIME).exists():
+        raise SystemExit(f"{GNU_TIME} not found (Debian package 'time'): it measures the peak RSS")
+    rss_file = log.with_suffix(".rss")
     with open(log, "w") as out:
         started = time.perf_counter()
-        process = subprocess.Popen([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT,
-                                   env=thread_env(threads))
-        # wait4: the resource usage of this child alone (ru_maxrss also covers the children it waited for)
-        _, status, usage = os.wait4(process.pid, 0)
+        process = subprocess.run([GNU_TIME, "-f", "%M", "-o", rss_file, *map(str, command)], stdout=out,
+                                 stderr=subprocess.STDOUT, env=thread_env(threads))
         wall = time.perf_counter() - started
-        process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         tail = log.read_text().splitlines()[-15:]
         raise SystemExit(f"failed (exit {process.returncode}): {' '.join(map(str, command))}\n  "
                          + "\n  ".join(tail))
-    return wall, usage.ru_maxrss / 1024  # Linux: kB
+    return wall, int(rss_file.read_text().split()[-1]) / 1024  # kB
 
 
 def tractogram_stats(path: Path) -> tuple:
@@ -173,11 +184,13 @@ def tracking_options(seeds: int, step_mm: float | None) -> list:
 
 
 def track(tool: str, bin_dir: Path, kind: str, experiment: Path, hdf5: Path, work: Path, seeds: int,
-          step_mm: float | None = None, in_flight: int | None = None) -> Run:
+          step_mm: float | None = None, in_flight: int | None = None, processes: int | None = None) -> Run:
     slots = [] if in_flight is None else ["--simultaneous_tracking", str(in_flight)]
-    label = (f"{in_flight}" if in_flight is not None
-             else f"{TrackingOptions.simultaneous_tracking} x {process_count(TrackingOptions(), torch.device('cpu'))}p")
-    name = f"{tool}_{kind}_{seeds}_{in_flight or 'default'}_{step_mm or 'model'}"
+    slots += [] if processes is None else ["--processes", str(processes)]
+    n_processes = processes or process_count(TrackingOptions(), torch.device("cpu"))
+    label = (f"{in_flight}" if in_flight is not None and tool != "trackflow"
+             else f"{in_flight or DEFAULT_SLOTS[kind]} x {n_processes}p")
+    name = f"{tool}_{kind}_{seeds}_{in_flight or 'default'}_{processes or 'default'}_{step_mm or 'model'}"
     out = work / "tractograms" / f"{name}.trk"
     out.parent.mkdir(exist_ok=True)
     out.unlink(missing_ok=True)
@@ -261,6 +274,35 @@ def matmul_peak_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
 
 # ------------------------------------------------------------------------------------------------ report
 
+def slot_memory(bin_dir: Path, experiments: dict, hdf5: Path, work: Path, quick: bool) -> list:
+    """Peak RSS per 10^5 slots of trackflow, per model: one process at a small and a large slot count, both
+    filled (``SLOT_MEMORY_RUNS``); the difference over the extra slots. Returns (model, small run, large run,
+    MB per 10^5 slots)."""
+    out = []
+    for kind, (seeds, small, large) in SLOT_MEMORY_RUNS.items():
+        if quick:
+            seeds, small, large = 1000, 100, 1000
+        runs = [track("trackflow", bin_dir, kind, experiments[kind], hdf5, work, seeds, in_flight=slots,
+                      processes=1) for slots in (small, large)]
+        out.append((kind, *runs, (runs[1].peak_rss_mb - runs[0].peak_rss_mb) / (large - small) * 1e5))
+    return out
+
+
+def print_slot_memory(measured: list, runs: list) -> None:
+    print("\nmemory (trackflow, one process, every slot filled):")
+    for kind, small, large, per_slots in measured:
+        print(f"  {kind:<3} peak RSS {small.peak_rss_mb:.0f} MB with {small.in_flight} slots x processes, "
+              f"{large.peak_rss_mb:.0f} MB with {large.in_flight}: {per_slots:.0f} MB per 10^5 slots")
+    for kind in PEERS:
+        ours = sorted((r for r in runs if r.tool == "trackflow" and r.model == kind and r.in_flight.endswith("p")
+                       and r.step_mm == TRAINING_STEP_MM), key=lambda r: r.seeds)
+        if len(ours) > 1:
+            print(f"  {kind:<3} at the default slots: peak RSS " + ", ".join(
+                f"{r.peak_rss_mb:.0f} MB at {r.seeds} seeds" for r in ours)
+                + f" ({ours[-1].peak_rss_mb / ours[0].peak_rss_mb:.2f}x for {ours[-1].seeds / ours[0].seeds:.0f}x "
+                  "the seeds)")
+
+
 def print_table(runs: list) -> None:
     print(f"\n{'tool':<10} {'model':<9} {'seeds':>7} {'step mm':>7} {'in flight':>10} {'wall s':>8} "
           f"{'seeds/s':>8} {'kept':>7} {'mean mm':>8} {'peak RSS MB':>11}")
@@ -287,7 +329,7 @@ def print_ratios(runs: list) -> None:
 def baseline_parser(description: str) -> argparse.ArgumentParser:
     """The options every dwi_ml comparison takes: dwi_ml's virtualenv and the work folder."""
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    p.add_argument("--dwi_ml_env", type=Path, default=Path("/work/dwi_ml_env"),
+    p.add_argument("--dwi_ml_env", type=Path, default=Path(os.environ.get("DWI_ML_ENV", "/work/dwi_ml_env")),
                    help="dwi_ml's virtualenv (benchmarks/dwi_ml/setup.sh). [%(default)s]")
     p.add_argument("--work", type=Path, help="Work folder, kept and reused [a temporary folder].")
     return p
@@ -345,8 +387,10 @@ def main():
             runs.append(track("trackflow", ours_bin, "l2t", experiments["l2t"], hdf5, work, args.mrtrix_seeds,
                               step_mm=args.mrtrix_step))
             runs.append(track_mrtrix(work, fodf, args.mrtrix_seeds, args.mrtrix_step))
+        memory = slot_memory(ours_bin, experiments, hdf5, work, args.quick)
         print_table(runs)
         print_ratios(runs)
+        print_slot_memory(memory, runs)
 
         rate_seeds = args.mrtrix_seeds or max(args.seeds)
         rate_step = args.mrtrix_step if args.mrtrix_seeds else TRAINING_STEP_MM
