@@ -23,10 +23,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from dipy.data import get_sphere
 from torch import nn
 
 from trackflow.errors import TrackflowError
+from trackflow.geometry.spheres import sphere_vertices
 
 logger = logging.getLogger(__name__)
 
@@ -334,10 +334,7 @@ class SphereClassificationDirectionGetter(DirectionGetter):
     def __init__(self, in_size: int, dropout: float = 0.0, add_eos: bool = False, eos_weight: float = 1.0,
                  sphere: str = DEFAULT_SPHERE):
         super().__init__(in_size, dropout, add_eos, eos_weight)
-        try:
-            vertices = get_sphere(name=sphere).vertices
-        except Exception as error:
-            raise TrackflowError(f"unknown dipy sphere {sphere!r}.") from error
+        vertices = sphere_vertices(sphere)
         self.sphere = sphere
         self.register_buffer("vertices", torch.from_numpy(vertices).to(torch.float32), persistent=False)
         self.nb_vertices = vertices.shape[0]

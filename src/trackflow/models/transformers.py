@@ -21,11 +21,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from dipy.data import get_sphere
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from trackflow.errors import TrackflowError
+from trackflow.geometry.spheres import sphere_vertices
 from trackflow.models.attention import (ACTIVATIONS, CacheWrite, Encoder, EncoderDecoder, KeyGroup, attention_mask,
                                         plan_key_groups)
 from trackflow.models.base import MainModel, ModelConfig
@@ -196,7 +196,7 @@ class _TractoTransformer(MainModel):
             raise TrackflowError(f"sos_token_type must be 'as_label' or one of {SOS_SPHERES}, "
                                  f"got {sos_token_type!r}.")
         # The file order of dipy's vertices is the class index; not in the state dict (dwi_ml layout).
-        vertices = torch.as_tensor(get_sphere(name=sos_token_type).vertices, dtype=torch.float32)
+        vertices = torch.as_tensor(sphere_vertices(sos_token_type), dtype=torch.float32)
         self.register_buffer("sos_vertices", vertices, persistent=False)  # [V, 3]
         return vertices.shape[0] + 1
 
