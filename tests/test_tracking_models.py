@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from trackflow.models import transformers
 from trackflow.models.l2t import Learn2TrackModel
 from trackflow.models.transformers import (OriginalTransformerModel, TransformerSrcAndTgtModel,
                                            TransformerSrcOnlyModel)
@@ -70,6 +71,29 @@ def test_cached_transformer_tracking_equals_full_recomputation(name):
     np.testing.assert_array_equal(cached.lengths, full.lengths)
     np.testing.assert_allclose(cached.points, full.points, atol=1e-4)
     np.testing.assert_array_equal(cached.end_reasons, full.end_reasons)
+
+
+@pytest.mark.parametrize("name", ["TTO", "TTS"])
+def test_caches_that_grow_with_the_streamlines_give_the_same_tractogram(name, monkeypatch):
+    # The caches start at INITIAL_CACHE_POSITIONS and double when a plan or a prefill needs more: the same
+    # bits as caches of max_points positions from the start, in less memory while the streamlines are short.
+    torch.manual_seed(1)
+    model = TRANSFORMERS[name]().eval()
+    volume, mask = world()
+    results, capacities = [], []
+    for initial in (60, 2):  # max_points, then growth from 2 positions
+        monkeypatch.setattr(transformers, "INITIAL_CACHE_POSITIONS", initial)
+        tracker = Tracker(model, volume, MaskStoppingCriterion(torch.as_tensor(mask)), SeedGenerator(mask, 5),
+                          make_direction_decoder("det", model.direction_getter, rng_seed=5),
+                          TrackingParameters(step_size_vox=0.5, max_points=60, theta_deg=180, eos_threshold=0.6,
+                                             n_slots=8, check_every=2))
+        results.append(tracker.track(12))
+        capacities.append(tracker.model_state.capacity)
+    whole, grown = results
+    assert whole.lengths.max() > 8
+    assert capacities[0] == 60 and capacities[1] < 60
+    for field in ("lengths", "points", "end_reasons"):
+        np.testing.assert_array_equal(getattr(grown, field), getattr(whole, field))
 
 
 def test_l2t_tracking_does_not_depend_on_slot_count_and_matches_reference_path():

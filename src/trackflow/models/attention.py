@@ -167,6 +167,18 @@ class KVCache:
         self.keys_values = torch.zeros((2, n_slots, nheads, max_points, head_size), device=device, dtype=dtype)
         self.keys, self.values = self.keys_values  # views [S, H, P, D/H]
 
+    @property
+    def capacity(self) -> int:
+        """Positions held per slot."""
+        return self.keys_values.shape[3]
+
+    def grow(self, n_positions: int) -> None:
+        """Hold ``n_positions`` positions per slot (more than now), keeping every stored one."""
+        grown = self.keys_values.new_zeros((*self.keys_values.shape[:3], n_positions, self.keys_values.shape[4]))
+        grown[:, :, :, :self.capacity] = self.keys_values
+        self.keys_values = grown
+        self.keys, self.values = grown
+
     def store_prefixes(self, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Prefill: keys/values [B, H, T, D/H] of tokens 0..T-1 of the rows."""
         n_tokens = keys.shape[2]

@@ -26,8 +26,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from trackflow.errors import TrackflowError
 from trackflow.geometry.spheres import sphere_vertices
-from trackflow.models.attention import (ACTIVATIONS, CacheWrite, Encoder, EncoderDecoder, KeyGroup, attention_mask,
-                                        plan_key_groups)
+from trackflow.models.attention import (ACTIVATIONS, CacheWrite, Encoder, EncoderDecoder, KeyGroup, KVCache,
+                                        attention_mask, plan_key_groups)
 from trackflow.models.base import MainModel, ModelConfig
 from trackflow.models.embeddings import make_embedding
 
@@ -94,13 +94,25 @@ class SinusoidalPositionEncoding(nn.Module):
 # Most steps between two plans of the key groups (one host sync each); in between, every group's width
 # grows by one per step, which is where it would be if every row kept growing.
 REPLAN_EVERY = 8
+# Cache positions per slot at the start of tracking; the caches double (up to max_points) when a plan or a
+# prefill needs more, so their memory follows the longest streamline in flight, not the length limit.
+INITIAL_CACHE_POSITIONS = 32
+
+
+def _each_cache(caches):
+    """Every KVCache of a model's nested ``caches`` (lists and tuples per layer and module)."""
+    if isinstance(caches, KVCache):
+        yield caches
+        return
+    for item in caches:
+        yield from _each_cache(item)
 
 
 @dataclass
 class TransformerTrackingState:
     """Per-slot caches of one tracking run (see ``MainModel.new_tracking_state``).
 
-    caches: the model's per-layer key/value caches, each [S, H, max_points, D/H].
+    caches: the model's per-layer key/value caches, each [S, H, capacity, D/H]; ``reserve`` grows them all.
     consumed: LongTensor [S], points consumed per slot (cache positions 0 .. consumed-1 are real).
     plan: key groups of slots (``plan_key_groups`` on the slots of a call: slots, longest length, in place),
         planned at a step from the rows' lengths, then kept for up to ``REPLAN_EVERY`` steps, each of which
@@ -122,17 +134,33 @@ class TransformerTrackingState:
     def n_slots(self) -> int:
         return self.consumed.shape[0]
 
+    @property
+    def capacity(self) -> int:
+        """Positions the caches hold per slot (every cache the same)."""
+        return next(_each_cache(self.caches)).capacity
+
+    def reserve(self, n_positions: int) -> None:
+        """Make the caches hold at least ``n_positions`` positions (at most max_points): doubled at least,
+        so that growing costs a copy per doubling."""
+        needed = min(n_positions, self.max_points)
+        if needed > self.capacity:
+            grown = min(self.max_points, max(needed, 2 * self.capacity))
+            for cache in _each_cache(self.caches):
+                cache.grow(grown)
+
     def key_groups(self, rows: torch.Tensor) -> list[KeyGroup]:
         """This step's key groups for rows [B] (``consumed`` already holds their lengths)."""
         if self.plan is None or self.steps_since_plan >= REPLAN_EVERY or len(rows) != self.planned_rows:
             slots = rows.unique()
+            lengths = self.consumed[slots].cpu().numpy()
             self.plan = [(slots[torch.as_tensor(index, device=rows.device)], longest, in_place)
-                         for index, longest, in_place in plan_key_groups(self.consumed[slots].cpu().numpy(),
-                                                                         self.n_slots)]
+                         for index, longest, in_place in plan_key_groups(lengths, self.n_slots)]
             self.planned_rows, self.steps_since_plan = len(rows), 0
+            # Until the next plan a row writes at most REPLAN_EVERY - 1 positions past the longest now.
+            self.reserve(int(lengths.max()) + REPLAN_EVERY)
         widening = self.steps_since_plan
         self.steps_since_plan += 1
-        return [KeyGroup(slots, min(longest + widening, self.max_points), in_place,
+        return [KeyGroup(slots, min(longest + widening, self.capacity), in_place,
                          self.consumed if in_place else self.consumed[slots])
                 for slots, longest, in_place in self.plan]
 
@@ -303,11 +331,13 @@ class _TractoTransformer(MainModel):
 
     def new_tracking_state(self, volume: torch.Tensor, n_slots: int, max_points: int
                            ) -> TransformerTrackingState:
-        """Key/value caches [n_slots, H, max_points, D/H] per attention layer, on the volume's device."""
+        """Key/value caches [n_slots, H, positions, D/H] per attention layer, on the volume's device; they
+        start small and grow with the streamlines (``TransformerTrackingState.reserve``) up to max_points."""
         self._check_length(max_points)
         dtype = self.position_encoding_layer.pos_emb.dtype
+        positions = min(max_points, INITIAL_CACHE_POSITIONS)
         return TransformerTrackingState(volume, max_points,
-                                        self._new_caches(n_slots, max_points, volume.device, dtype),
+                                        self._new_caches(n_slots, positions, volume.device, dtype),
                                         torch.zeros(n_slots, dtype=torch.long, device=volume.device))
 
     @property
@@ -366,6 +396,7 @@ class _TractoTransformer(MainModel):
                  prefix_lengths: torch.Tensor) -> None:
         """Caches of rows [B] from their first prefix_lengths [B] (>= 1) points [B, >= T, 3]."""
         n_points = int(prefix_lengths.max())
+        state.reserve(n_points)
         points = points[:, :n_points]
         positions = torch.arange(n_points, device=rows.device)[None]  # [1, T]
         is_real = positions < prefix_lengths[:, None]  # [B, T]
