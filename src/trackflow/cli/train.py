@@ -109,7 +109,7 @@ def add_batch_loader_args(parser: argparse.ArgumentParser) -> None:
                        help="With --rotation_augmentation: the input group's SH coefficients are features "
                             "FIRST..FIRST+COUNT-1 of each neighbour (0-based; COUNT = (l+1)(l+2)/2, e.g. 45 "
                             "for order 8), rotated with the streamline; the other features are scalars. "
-                            "The demo: T1, FA, fODF -> 2 45. [none: every feature is a scalar]")
+                            "The demo (T1, FA, fODF of order 6): 2 28. [none: every feature is a scalar]")
     group.add_argument("--sh_basis", choices=SH_BASES, default="descoteaux07",
                        help="Basis of --sh_features (scilpy 2.x names; non-legacy). [%(default)s]")
 
