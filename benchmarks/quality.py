@@ -29,6 +29,7 @@ one CPU thread (scilpy's tracking is single-threaded); each learned tracker's ow
     python benchmarks/quality.py --out quality_quick --quick     # smoke run: tiny cohort, 2 epochs
     python benchmarks/quality.py --out quality --cohort demo --l2t_experiment exps/l2t --tt_experiment exps/tt
     python benchmarks/quality.py --out quality_varied --geometry varied --training_seeds 1234 1 2
+    python benchmarks/quality.py --out quality_rot --geometry varied --rotation_augmentation 15
 """
 
 import argparse
@@ -49,6 +50,7 @@ from scipy.spatial import cKDTree
 from trackflow.data.demo import (DEFAULT_SHAPE, DEFAULT_STREAMLINES_PER_BUNDLE, SH_BASIS, TINY_SHAPE,
                                  make_demo_cohort)
 from trackflow.data.hdf5.creation import create_hdf5_dataset, read_subject_list
+from trackflow.data.hdf5.reader import HDF5Cohort
 from trackflow.models.persistence import load_experiment_model
 from trackflow.tracking.classical import (MRTRIX_ALGOS, run_mrtrix_tracking, run_scilpy_local_tracking,
                                           seeds_from_mask)
@@ -121,6 +123,10 @@ def build_parser():
     train.add_argument("--epochs", type=int, default=30, help="[%(default)s]")
     train.add_argument("--batches_per_epoch", type=int, default=20, help="[%(default)s]")
     train.add_argument("--batch_size", type=int, default=100, help="Streamlines per batch. [%(default)s]")
+    train.add_argument("--rotation_augmentation", type=float, default=0.0, metavar="DEG",
+                       help="Train both models with the rotation augmentation (largest angle, degrees), the "
+                            "demo's fODF coefficients (the input features after T1 and FA) rotated with each "
+                            "streamline (--sh_features 2 COUNT, --sh_basis descoteaux07). [0: off]")
     track = p.add_argument_group("Tracking (identical for every tracker)")
     track.add_argument("--nt", type=int, default=5000, help="Seeds in the interface mask. [%(default)s]")
     track.add_argument("--rng_seed", type=int, default=0, help="[%(default)s]")
@@ -237,10 +243,21 @@ def train_missing_models(args, hdf5: Path, out: Path) -> dict:
                               INPUT_GROUP, STREAMLINE_GROUP, "--step_size", args.step_size,
                               "--max_epochs", args.epochs, "--max_batches_per_epoch_training",
                               args.batches_per_epoch, "--batch_size_training", args.batch_size,
-                              *COMMON_TRAINING, "--rng", rng, *recipe, "-v"]
+                              *COMMON_TRAINING, *rotation_options(args, hdf5), "--rng", rng, *recipe, "-v"]
     seconds = run_side_by_side(to_train, out) if to_train else {}
     return {key: {"experiment": str(experiment), "train_s": seconds.get(experiment.name),
                   "epochs": epochs_trained(experiment)} for key, experiment in experiments.items()}
+
+
+def rotation_options(args, hdf5: Path) -> list:
+    """The trainers' rotation-augmentation options: the demo's input group is T1, FA, then the fODF's SH
+    coefficients (``trackflow.data.demo.HDF5_CONFIG``), so the SH block is features 2 to the last."""
+    if not args.rotation_augmentation:
+        return []
+    with HDF5Cohort(hdf5) as cohort:
+        n_sh = cohort.volume_groups()[INPUT_GROUP] - 2
+    return ["--rotation_augmentation", args.rotation_augmentation, "--sh_features", 2, n_sh,
+            "--sh_basis", SH_BASIS]
 
 
 def epochs_trained(experiment: Path) -> int:

@@ -78,6 +78,15 @@ def test_each_standardization_mode_matches_numpy(cohort, tmp_path):
             assert volume.data.dtype == np.float32
             np.testing.assert_allclose(volume.data, reference, rtol=1e-4, atol=1e-4,
                                        err_msg=group)
+        # The stored statistics undo every mode: raw = data * scale + offset ('none': 0 and 1).
+        raw = {"per_file_mask": [T1, FODF], "per_file_nomask": [T1, FA], "all_nomask": [T1, FA],
+               "independent_masks": [FA, FODF], "none": [FODF]}
+        for group, files in raw.items():
+            offset, scale = h5.standardization(subject, group)
+            undone = h5.read_volume(subject, group).data * scale + offset
+            np.testing.assert_allclose(undone, np.concatenate(files, -1), rtol=1e-5, atol=1e-4, err_msg=group)
+        assert np.array_equal(h5.standardization(subject, "none")[0], np.zeros(FODF_FEATURES))
+        assert np.array_equal(h5.standardization(subject, "none")[1], np.ones(FODF_FEATURES))
         # independent: each feature has mean 0 / std 1 inside its mask
         data = h5.read_volume(subject, "independent_masks").data[BRAIN | WM]
         np.testing.assert_allclose(data.mean(0), 0, atol=1e-4)
@@ -108,7 +117,11 @@ def test_layout_has_every_attribute_and_dataset_of_the_spec(cohort, tmp_path):
             for group, n_features in (("input", 2 + FODF_FEATURES), ("wm_mask", 1)):
                 g = f[subject][group]
                 assert set(g) == {"data"}
-                assert set(g.attrs) == {"type", "affine", "voxres", "nb_features"}
+                # dwi_ml's four, plus the standardization statistics (raw = data * scale + offset).
+                assert set(g.attrs) == {"type", "affine", "voxres", "nb_features", "standardization_offset",
+                                        "standardization_scale"}
+                assert g.attrs["standardization_offset"].shape == g.attrs["standardization_scale"].shape \
+                    == (n_features,)
                 assert g.attrs["type"] == "volume"
                 assert g["data"].dtype == np.float32 and g["data"].shape == SHAPE + (n_features,)
                 np.testing.assert_allclose(g.attrs["affine"], AFFINE)

@@ -12,6 +12,7 @@ from trackflow.cli.common import (add_ignored_dwi_ml_args, add_overwrite_arg, ad
                                   setup_logging, warn_ignored_dwi_ml_args)
 from trackflow.errors import TrackflowError
 from trackflow.geometry.neighborhood import NEIGHBORHOOD_TYPES
+from trackflow.geometry.sh_rotation import SH_BASES
 from trackflow.models.attention import ACTIVATIONS
 from trackflow.models.direction_getters import DIRECTION_GETTER_KEYS, dg_args_from_options
 from trackflow.models.embeddings import EMBEDDING_KEYS
@@ -100,6 +101,17 @@ def add_batch_loader_args(parser: argparse.ArgumentParser) -> None:
                             "point. [%(default)s]")
     group.add_argument("--reverse_ratio", type=float, default=0.0, metavar="r",
                        help="Fraction of streamlines reversed. [%(default)s]")
+    group.add_argument("--rotation_augmentation", type=float, default=0.0, metavar="DEG",
+                       help="Rotate each training streamline, and the input signal it sees, by a random "
+                            "rotation (axis uniform on the sphere, angle uniform in [0, DEG]; 180: any). "
+                            "Needs isotropic voxels; give the SH features with --sh_features. [0: off]")
+    group.add_argument("--sh_features", type=int, nargs=2, metavar=("FIRST", "COUNT"),
+                       help="With --rotation_augmentation: the input group's SH coefficients are features "
+                            "FIRST..FIRST+COUNT-1 of each neighbour (0-based; COUNT = (l+1)(l+2)/2, e.g. 45 "
+                            "for order 8), rotated with the streamline; the other features are scalars. "
+                            "The demo (T1, FA, fODF of order 6): 2 28. [none: every feature is a scalar]")
+    group.add_argument("--sh_basis", choices=SH_BASES, default="descoteaux07",
+                       help="Basis of --sh_features (scilpy 2.x names; non-legacy). [%(default)s]")
 
 
 def add_trainer_args(parser: argparse.ArgumentParser) -> None:
@@ -346,7 +358,9 @@ def training_arguments(args, family: str) -> dict:
         validation_sampler=sampler(args.batch_size_validation, args.max_batches_per_epoch_validation),
         loader=LoaderParams(noise_gaussian_size_forward=args.noise_gaussian_size_forward,
                             noise_gaussian_size_loss=args.noise_gaussian_size_loss,
-                            split_ratio=args.split_ratio, reverse_ratio=args.reverse_ratio),
+                            split_ratio=args.split_ratio, reverse_ratio=args.reverse_ratio,
+                            rotation_augmentation_deg=args.rotation_augmentation,
+                            sh_features=args.sh_features, sh_basis=args.sh_basis),
         trainer=TrainerParams(learning_rates=parse_learning_rates(args.learning_rate),
                               weight_decay=args.weight_decay, optimizer=args.optimizer,
                               max_epochs=args.max_epochs, patience=args.patience,

@@ -9,8 +9,15 @@ Two steps per batch:
    truncated Gaussian coordinate noise (training only) to the coordinates the model sees and to the loss
    targets, and build the per-row targets (N-1 rows without EOS, N rows with EOS).
 
-Randomness: a numpy Generator (split / reverse choices, on CPU) and a torch Generator on the training
-device (noise), both seeded from ``--rng`` and saved in the checkpoint.
+Rotation augmentation (``rotation_augmentation_deg`` > 0, training only): each streamline gets its own
+random rotation R about its centroid c, as if its subject had been rotated: the model sees the rotated points
+R (x - c) + c (previous directions, target tokens, loss targets), and inputs interpolated in the ORIGINAL
+volume at x + R^T o for each neighbourhood offset o, the SH features rotated by M(R) (``geometry.sh_rotation``,
+exact, through the standardization stored in the hdf5) and the scalar features only resampled.
+
+Randomness: a numpy Generator (split / reverse choices and rotations, on CPU) and a torch Generator on the
+training device (noise), both seeded from ``--rng`` and saved in the checkpoint. Each augmentation draws only
+when it is on, so turning one off leaves the others' draws unchanged.
 """
 
 from collections import OrderedDict
@@ -21,6 +28,8 @@ import torch
 
 from trackflow.data import streamlines as streamline_ops
 from trackflow.errors import TrackflowError
+from trackflow.geometry.interpolation import interpolate_trilinear
+from trackflow.geometry.sh_rotation import SH_BASES, random_rotations, sh_order_of_count, sh_rotation_matrices
 
 # Split augmentation (dwi_ml): only streamlines with more than 12 points; each half keeps >= 6 points.
 MIN_POINTS_TO_SPLIT = 13
@@ -37,6 +46,11 @@ class LoaderParams:
     noise_gaussian_size_loss: float = 0.0
     split_ratio: float = 0.0
     reverse_ratio: float = 0.0
+    # Random rotation of each training streamline (largest angle, degrees; 0: off), the SH features of the
+    # input group rotated with it: [first feature, count] (None: every feature is a scalar) in sh_basis.
+    rotation_augmentation_deg: float = 0.0
+    sh_features: list | None = None
+    sh_basis: str = "descoteaux07"
 
     def __post_init__(self):
         for name in ("split_ratio", "reverse_ratio"):
@@ -45,6 +59,32 @@ class LoaderParams:
         for name in ("noise_gaussian_size_forward", "noise_gaussian_size_loss"):
             if getattr(self, name) < 0:
                 raise TrackflowError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.rotation_augmentation_deg <= 180.0:
+            raise TrackflowError(f"--rotation_augmentation must be in [0, 180] degrees, got "
+                                 f"{self.rotation_augmentation_deg}")
+        if self.sh_basis not in SH_BASES:
+            raise TrackflowError(f"--sh_basis must be one of {list(SH_BASES)}, got {self.sh_basis!r}")
+        if self.sh_features is not None:
+            self.sh_features = [int(v) for v in self.sh_features]
+            if len(self.sh_features) != 2 or self.sh_features[0] < 0:
+                raise TrackflowError(f"--sh_features takes FIRST COUNT (first >= 0), got {self.sh_features}")
+            sh_order_of_count(self.sh_features[1])
+            if self.rotation_augmentation_deg == 0:
+                raise TrackflowError("--sh_features is only used by --rotation_augmentation, which is off")
+
+    @property
+    def sh_slice(self) -> slice | None:
+        """The SH features of one neighbour, or None."""
+        if self.sh_features is None:
+            return None
+        return slice(self.sh_features[0], self.sh_features[0] + self.sh_features[1])
+
+    def check_features(self, nb_features: int) -> None:
+        """The SH block must lie within the input group's ``nb_features`` features."""
+        if self.sh_features is not None and self.sh_slice.stop > nb_features:
+            raise TrackflowError(f"--sh_features {self.sh_features[0]} {self.sh_features[1]} (features "
+                                 f"{self.sh_slice.start}..{self.sh_slice.stop - 1}) goes past the input group's "
+                                 f"{nb_features} features")
 
 
 @dataclass
@@ -59,11 +99,14 @@ class Batch:
         Points per streamline (on the device).
     subjects : list[tuple[str, int, int]]
         (subject, first streamline, end streamline) for each subject of the batch, in order.
+    rotations : ndarray [B, 3, 3] float64 or None
+        Rotation augmentation: one rotation per streamline (training only), applied by ``rows``.
     """
 
     points: torch.Tensor
     lengths: torch.Tensor
     subjects: list
+    rotations: np.ndarray | None = None
 
 
 @dataclass
@@ -105,6 +148,7 @@ class SubsetData:
         self.cache_size = cache_size
         self._volumes = OrderedDict()   # subject -> (Tensor [X, Y, Z, F], voxres [3])
         self._streamlines = {}
+        self._standardization = {}  # subject -> (offset, scale) [F]
         if not lazy:
             for subject in subjects:
                 self._volumes[subject] = self._read_volume(subject)
@@ -117,6 +161,17 @@ class SubsetData:
         data = cls(cohort, [subject], input_group, streamline_group=None, device=device, lazy=True, cache_size=1)
         data._streamlines[subject] = streamlines
         return data
+
+    def standardization(self, subject: str) -> tuple[np.ndarray, np.ndarray]:
+        """(offset, scale) [F] of the input group (raw = data * scale + offset), read from the hdf5."""
+        if subject not in self._standardization:
+            stats = self.cohort.standardization(subject, self.input_group)
+            if stats is None:
+                raise TrackflowError(f"{self.cohort.path} does not record the standardization of group "
+                                     f"{self.input_group!r} (needed by --rotation_augmentation with "
+                                     "--sh_features): recreate the hdf5 with this version of trackflow")
+            self._standardization[subject] = stats
+        return self._standardization[subject]
 
     def _read_volume(self, subject):
         volume = self.cohort.read_volume(subject, self.input_group)
@@ -204,13 +259,19 @@ class BatchLoader:
             lines = [np.asarray(s, dtype=np.float32) for s in streamlines]
             if training:
                 lines = self._reverse(self._split(lines))
+                if self.params.rotation_augmentation_deg > 0 and not np.allclose(voxres, voxres[0]):
+                    raise TrackflowError(f"--rotation_augmentation needs isotropic voxels; subject {subject!r} "
+                                         f"has {list(voxres)} mm")
             subjects.append((subject, len(arrays), len(arrays) + len(lines)))
             arrays.extend(lines)
         lengths = torch.tensor([len(s) for s in arrays], dtype=torch.long)
         if bool((lengths < 2).any()):
             raise TrackflowError("a batch contains a streamline with fewer than 2 points")
         points = torch.from_numpy(np.concatenate(arrays)).to(self.device)
-        return Batch(points, lengths.to(self.device), subjects)
+        rotations = None
+        if training and self.params.rotation_augmentation_deg > 0:  # no draw when off
+            rotations = random_rotations(self.rng, len(arrays), self.params.rotation_augmentation_deg)
+        return Batch(points, lengths.to(self.device), subjects, rotations)
 
     def _resample(self, streamlines, voxres):
         """Resample to the model's setting; lengths in mm become voxel units (isotropic voxels)."""
@@ -274,13 +335,18 @@ class BatchLoader:
         rows_per_line_list = rows_per_line.tolist()
 
         clean_rows = batch.points[row_mask]                       # [R, 3]
-        inputs = self._interpolate(model, data, batch, clean_rows, rows_per_line_list)
+        if batch.rotations is None:
+            inputs = self._interpolate(model, data, batch, clean_rows, rows_per_line_list)
+            seen_points = batch.points
+        else:
+            inputs = self._interpolate_rotated(model, data, batch, clean_rows, rows_per_line_list)
+            seen_points = self._rotate_points(batch)
 
-        loss_points = self._noisy(batch.points, self.params.noise_gaussian_size_loss, training)
+        loss_points = self._noisy(seen_points, self.params.noise_gaussian_size_loss, training)
         next_points = torch.roll(loss_points, shifts=-1, dims=0)  # wraps only on last points, zeroed below
         target_dirs = torch.where(is_last[:, None], torch.zeros_like(loss_points),
                                   next_points - loss_points)[row_mask]
-        model_rows = self._noisy(clean_rows, self.params.noise_gaussian_size_forward, training)
+        model_rows = self._noisy(seen_points[row_mask], self.params.noise_gaussian_size_forward, training)
         return Rows(inputs=inputs,
                     coordinates=list(torch.split(model_rows, rows_per_line_list)),
                     target_dirs=target_dirs,
@@ -294,6 +360,62 @@ class BatchLoader:
             volume, _ = data.volume(subject)
             subject_rows = clean_rows[int(row_starts[first]):int(row_starts[end])]
             features = model.compute_inputs(volume, subject_rows)          # [R_s, Fin]
+            inputs.extend(torch.split(features, rows_per_line_list[first:end]))
+        return inputs
+
+    def _rotate_points(self, batch: Batch) -> torch.Tensor:
+        """R_b (x - c_b) + c_b for every point of streamline b (c_b: its centroid).   [P, 3]"""
+        rotations = torch.as_tensor(batch.rotations, dtype=batch.points.dtype, device=self.device)  # [B, 3, 3]
+        line_of_point = torch.repeat_interleave(torch.arange(len(batch.lengths), device=self.device),
+                                                batch.lengths)                                # [P]
+        centroids = torch.zeros_like(rotations[:, :, 0]).index_add_(0, line_of_point, batch.points)
+        centroids = (centroids / batch.lengths[:, None].to(centroids))[line_of_point]          # [P, 3]
+        return torch.einsum("pij,pj->pi", rotations[line_of_point], batch.points - centroids) + centroids
+
+    def _interpolate_rotated(self, model, data, batch, clean_rows, rows_per_line_list):
+        """Inputs of the rotated streamlines: the original volume at x + R^T o, SH features rotated by M(R).
+
+        With standardized features s = (raw - offset) / scale (per feature), the rotated raw SH M raw gives
+        s' = D^-1 M D s + D^-1 (M - I) offset, D = diag(scale) of the SH block (D^-1 M D = M when the block
+        shares one scale, as with per_file / all standardization).
+        """
+        params = self.params
+        sh = params.sh_slice
+        n_lines = len(rows_per_line_list)
+        rotations = torch.as_tensor(batch.rotations, dtype=torch.float32, device=self.device)     # [B, 3, 3]
+        offsets = model.neighborhood_offsets
+        if offsets is None:
+            offsets = torch.zeros(1, 3, device=self.device)
+        offsets = offsets.to(device=self.device, dtype=torch.float32)                             # [M, 3]
+        # R^T o per streamline: (R^T o)_i = sum_j R_ji o_j.   [B, M, 3]
+        line_offsets = torch.einsum("bji,mj->bmi", rotations, offsets)
+        line_of_row = torch.repeat_interleave(torch.arange(n_lines, device=self.device),
+                                              torch.as_tensor(rows_per_line_list, device=self.device))
+        if sh is not None:
+            order = sh_order_of_count(sh.stop - sh.start)
+            raw_matrices = sh_rotation_matrices(batch.rotations, order, params.sh_basis)      # [B, C, C]
+        row_starts = np.concatenate([[0], np.cumsum(rows_per_line_list)])
+        inputs = []
+        for subject, first, end in batch.subjects:
+            volume, _ = data.volume(subject)
+            n_features = volume.shape[-1]
+            rows = slice(int(row_starts[first]), int(row_starts[end]))
+            points = clean_rows[rows][:, None, :] + line_offsets[line_of_row[rows]]             # [R_s, M, 3]
+            features = interpolate_trilinear(volume, points.reshape(-1, 3))                   # [R_s*M, F]
+            features = features.reshape(-1, offsets.shape[0], n_features)                     # [R_s, M, F]
+            if sh is not None:
+                offset, scale = data.standardization(subject)
+                offset, scale = offset[sh], scale[sh]
+                matrices = raw_matrices[first:end] / scale[None, :, None] * scale[None, None, :]  # D^-1 M D
+                shifts = ((raw_matrices[first:end] - np.eye(len(offset))) @ offset) / scale  # [B_s, C]
+                sh_matrices = torch.as_tensor(matrices, dtype=volume.dtype, device=self.device)
+                shifts = torch.as_tensor(shifts, dtype=volume.dtype, device=self.device)
+                # One small product per streamline (a per-row gather of the C x C matrices would not fit).
+                rotated = torch.cat([block @ matrix.T + shift for block, matrix, shift in
+                                     zip(torch.split(features[..., sh], rows_per_line_list[first:end]),
+                                         sh_matrices, shifts)])                               # [R_s, M, C]
+                features = torch.cat([features[..., :sh.start], rotated, features[..., sh.stop:]], dim=-1)
+            features = features.reshape(features.shape[0], -1)                              # [R_s, M*F]
             inputs.extend(torch.split(features, rows_per_line_list[first:end]))
         return inputs
 

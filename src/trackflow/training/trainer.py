@@ -398,6 +398,23 @@ def _check_groups(cohort, input_group: str, streamline_group: str) -> int:
     return int(volume_groups[input_group])
 
 
+def _check_augmentation(cohort, input_group: str, loader: LoaderParams, nb_features: int) -> None:
+    """Rotation augmentation: the SH block lies within the input features, and (with SH features) the hdf5
+    records the standardization of the input group of every training subject."""
+    if loader.rotation_augmentation_deg == 0:
+        return
+    loader.check_features(nb_features)
+    if loader.sh_features is None:
+        LOGGER.warning("--rotation_augmentation without --sh_features: every input feature is resampled as a "
+                       "scalar (rotation-invariant) feature")
+        return
+    for subject in cohort.subjects("training"):
+        if cohort.standardization(subject, input_group) is None:
+            raise TrackflowError(f"{cohort.path} does not record the standardization of group {input_group!r} "
+                                 "(needed by --rotation_augmentation with --sh_features): recreate the hdf5 "
+                                 "with this version of trackflow")
+
+
 def _check_cohort(cohort, input_group: str, streamline_group: str) -> int:
     """Validate the groups and refuse non-finite training data (which would only show up later as a NaN
     gradient); return the input group's number of features."""
@@ -441,6 +458,7 @@ def train_new_experiment(experiments_path, experiment_name: str, hdf5_file, inpu
     device = select_device(use_gpu)
     with HDF5Cohort(hdf5_file) as cohort:
         nb_features = _check_cohort(cohort, input_group, streamline_group)
+        _check_augmentation(cohort, input_group, loader, nb_features)
         model_params = dict(asdict(model_config), nb_features=nb_features)
         if all(model_params.get(k) in (None, False) for k in ("step_size", "compress_lines", "nb_points")):
             model_params.update(step_size=cohort.step_size, compress_lines=cohort.compress or None,
@@ -520,12 +538,14 @@ def resume_experiment(model_family: str, experiments_path, experiment_name: str,
         if nb_features != model.nb_features:
             raise TrackflowError(f"input group {dataset['input_group']!r} of {cohort.path} has {nb_features} "
                                  f"features but the model of {folder.path} takes {model.nb_features}")
+        loader_params = LoaderParams(**state["batch_loader_params"])
+        _check_augmentation(cohort, dataset["input_group"], loader_params, nb_features)
         samplers = state["batch_sampler_params"]
         validator = _tracking_validator(tracking_validator_factory, cohort, model, dataset["input_group"],
                                         dataset["streamline_group"], trainer_params, device)
         runner = Trainer(model, folder, cohort, dataset["input_group"], dataset["streamline_group"],
                          state["model_type"], SamplerParams(**samplers["training"]),
-                         SamplerParams(**samplers["validation"]), LoaderParams(**state["batch_loader_params"]),
+                         SamplerParams(**samplers["validation"]), loader_params,
                          trainer_params, DataParams(lazy=dataset["lazy"], cache_size=dataset["cache_size"]),
                          device, validator)
         runner.restore_states(states)

@@ -121,7 +121,8 @@ def _read_float32_4d(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     return data[..., None] if data.ndim == 3 else data
 
 
-def standardize_in_place(data: np.ndarray, mask: np.ndarray, per_feature: bool, where: str) -> None:
+def standardize_in_place(data: np.ndarray, mask: np.ndarray, per_feature: bool, where: str
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """``(x - mean) / max(std, 1e-6)`` on every voxel, with statistics taken inside ``mask``.
 
     Parameters
@@ -134,6 +135,11 @@ def standardize_in_place(data: np.ndarray, mask: np.ndarray, per_feature: bool, 
         One mean/std per feature (``independent``) instead of one for all features pooled.
     where : str
         Names the volume in error messages.
+
+    Returns
+    -------
+    offset, scale : ndarray [F] float64
+        The float32 mean and std applied to each feature (raw = standardized * scale + offset).
     """
     if not mask.any():
         raise TrackflowError(f"{where}: the standardization mask is empty")
@@ -143,8 +149,12 @@ def standardize_in_place(data: np.ndarray, mask: np.ndarray, per_feature: bool, 
     axis = 0 if per_feature else None
     mean = inside.mean(axis=axis)
     std = np.maximum(inside.std(axis=axis), STD_FLOOR)
-    data -= mean.astype(np.float32)
-    data /= std.astype(np.float32)
+    mean, std = mean.astype(np.float32), std.astype(np.float32)
+    data -= mean
+    data /= std
+    n_features = data.shape[-1]
+    return (np.broadcast_to(mean, (n_features,)).astype(np.float64),
+            np.broadcast_to(std, (n_features,)).astype(np.float64))
 
 
 def _std_mask(subject_dir, group: VolumeGroupConfig, ref_img, ref_path, enforce
@@ -162,7 +172,7 @@ def _std_mask(subject_dir, group: VolumeGroupConfig, ref_img, ref_path, enforce
 
 
 def load_volume_group(subject_dir: Path, group: VolumeGroupConfig, enforce_presence: bool = True
-                      ) -> tuple[np.ndarray, nib.Nifti1Image]:
+                      ) -> tuple[np.ndarray, nib.Nifti1Image, dict]:
     """Concatenate and standardize one volume group of one subject.
 
     Returns
@@ -171,6 +181,10 @@ def load_volume_group(subject_dir: Path, group: VolumeGroupConfig, enforce_prese
         Files concatenated along F in config order, standardized as configured.
     reference : Nifti1Image
         The first file's image (header and affine only are used; its data is not cached).
+    stats : dict
+        ``standardization_offset`` and ``standardization_scale``, ndarray [F] float64 each: raw =
+        data * scale + offset, for every mode ('none': 0 and 1). What undoes or transforms the
+        standardization later (the SH rotation of the training augmentation).
     """
     paths = _match_files(subject_dir, group.files, enforce_presence, f"group '{group.name}'")
     if not paths:
@@ -190,23 +204,28 @@ def load_volume_group(subject_dir: Path, group: VolumeGroupConfig, enforce_prese
     # Headers give each file's F, so the output is allocated once and filled file by file.
     n_features = [1 if len(img.shape) == 3 else img.shape[3] for img in images]
     data = np.empty(images[0].shape[:3] + (sum(n_features),), dtype=np.float32)
+    offset, scale = np.zeros(data.shape[-1]), np.ones(data.shape[-1])
     start = 0
     for img, path, n in zip(images, paths, n_features):
         block = data[..., start:start + n]
         block[...] = _read_float32_4d(img, path)
         if mode == "per_file":
             file_mask = mask if mask is not None else (block != 0).all(axis=-1)
-            standardize_in_place(block, file_mask, per_feature=False, where=str(path))
+            offset[start:start + n], scale[start:start + n] = standardize_in_place(
+                block, file_mask, per_feature=False, where=str(path))
         start += n
     if mode in ("all", "independent"):
         if mask is None:
             mask = (data != 0).all(axis=-1)
-        standardize_in_place(data, mask, per_feature=(mode == "independent"),
-                             where=f"group '{group.name}' of {subject_dir.name}")
-    return data, images[0]
+        offset, scale = standardize_in_place(data, mask, per_feature=(mode == "independent"),
+                                             where=f"group '{group.name}' of {subject_dir.name}")
+    return data, images[0], {"standardization_offset": offset, "standardization_scale": scale}
 
 
-def _write_volume_group(h5_group: h5py.Group, data: np.ndarray, ref_img: nib.Nifti1Image) -> None:
+def _write_volume_group(h5_group: h5py.Group, data: np.ndarray, ref_img: nib.Nifti1Image,
+                        stats: dict) -> None:
+    for name, values in stats.items():  # standardization_offset / _scale [F]: extra attributes dwi_ml ignores
+        h5_group.attrs[name] = np.asarray(values, dtype=np.float64)
     h5_group.attrs["type"] = "volume"
     h5_group.attrs["affine"] = ref_img.affine
     h5_group.attrs["voxres"] = np.asarray(ref_img.header.get_zooms()[:3], dtype=np.float64)
@@ -401,7 +420,7 @@ def _process_subject(h5_file: h5py.File, root: Path, subject: str, groups, optio
     for group in groups:
         if not isinstance(group, VolumeGroupConfig):
             continue
-        data, img = load_volume_group(subject_dir, group, options["enforce_presence"])
+        data, img, stats = load_volume_group(subject_dir, group, options["enforce_presence"])
         if is_mask_group(group):
             _check_mask_values(data, subject, group)
         nb_features[group.name] = data.shape[-1]
@@ -409,7 +428,7 @@ def _process_subject(h5_file: h5py.File, root: Path, subject: str, groups, optio
             ref_img, ref_group = img, group.name
         else:
             _check_same_grid(img, Path(f"{subject}/{group.name}"), ref_img, f"group '{ref_group}'")
-        _write_volume_group(h5_subject.create_group(group.name), data, img)
+        _write_volume_group(h5_subject.create_group(group.name), data, img, stats)
         if intermediate_dir is not None:
             nib.save(nib.Nifti1Image(data, img.affine, img.header),
                      intermediate_dir / f"{subject}_{group.name}.nii.gz")

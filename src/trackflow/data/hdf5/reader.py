@@ -265,6 +265,16 @@ class HDF5Cohort:
                       voxres=np.asarray(h5_group.attrs["voxres"], dtype=np.float64))
 
     @_damage_is_an_error
+    def standardization(self, subject: str, group: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(offset, scale) [F] float64 of a volume group, raw = data * scale + offset, or None for an hdf5
+        written before these attributes existed."""
+        attrs = self._group(subject, group, "volume").attrs
+        if "standardization_offset" not in attrs or "standardization_scale" not in attrs:
+            return None
+        return (np.asarray(attrs["standardization_offset"], dtype=np.float64),
+                np.asarray(attrs["standardization_scale"], dtype=np.float64))
+
+    @_damage_is_an_error
     def reference_nifti(self, subject: str, group: str) -> nib.Nifti1Image:
         """A NIfTI image with the grid (shape, affine, voxel sizes) of a volume group.
 
