@@ -87,6 +87,17 @@ class LoaderParams:
                                  f"{nb_features} features")
 
 
+def recorded_standardization(cohort, subject: str, group: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offset, scale) [F] of a volume group as the hdf5 records it; a TrackflowError for an hdf5 written
+    before these attributes existed (the rotation augmentation cannot rotate its SH features)."""
+    stats = cohort.standardization(subject, group)
+    if stats is None:
+        raise TrackflowError(f"{cohort.path} does not record the standardization of group {group!r} (needed by "
+                             "--rotation_augmentation with --sh_features): recreate the hdf5 with this version of "
+                             "trackflow")
+    return stats
+
+
 @dataclass
 class Batch:
     """Streamlines of one batch on the training device, grouped by subject.
@@ -165,12 +176,7 @@ class SubsetData:
     def standardization(self, subject: str) -> tuple[np.ndarray, np.ndarray]:
         """(offset, scale) [F] of the input group (raw = data * scale + offset), read from the hdf5."""
         if subject not in self._standardization:
-            stats = self.cohort.standardization(subject, self.input_group)
-            if stats is None:
-                raise TrackflowError(f"{self.cohort.path} does not record the standardization of group "
-                                     f"{self.input_group!r} (needed by --rotation_augmentation with "
-                                     "--sh_features): recreate the hdf5 with this version of trackflow")
-            self._standardization[subject] = stats
+            self._standardization[subject] = recorded_standardization(self.cohort, subject, self.input_group)
         return self._standardization[subject]
 
     def _read_volume(self, subject):

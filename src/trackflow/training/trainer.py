@@ -29,7 +29,8 @@ from trackflow.experiment import LOG_FILES, TRACKING_MONITOR, ExperimentFolder
 from trackflow.models.base import ModelConfig
 from trackflow.models.persistence import load_model_dir
 from trackflow.models.registry import check_model_family, model_class
-from trackflow.training.batch_loader import BatchLoader, LoaderParams, SubsetData, cohort_preprocessing
+from trackflow.training.batch_loader import (BatchLoader, LoaderParams, SubsetData, cohort_preprocessing,
+                                             recorded_standardization)
 from trackflow.training.batch_sampler import BatchSampler, SamplerParams
 from trackflow.training.eos_calibration import calibrate_eos
 
@@ -409,10 +410,7 @@ def _check_augmentation(cohort, input_group: str, loader: LoaderParams, nb_featu
                        "scalar (rotation-invariant) feature")
         return
     for subject in cohort.subjects("training"):
-        if cohort.standardization(subject, input_group) is None:
-            raise TrackflowError(f"{cohort.path} does not record the standardization of group {input_group!r} "
-                                 "(needed by --rotation_augmentation with --sh_features): recreate the hdf5 "
-                                 "with this version of trackflow")
+        recorded_standardization(cohort, subject, input_group)
 
 
 def _check_cohort(cohort, input_group: str, streamline_group: str) -> int:
