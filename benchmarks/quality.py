@@ -36,6 +36,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -127,6 +128,14 @@ def build_parser():
                        help="Train both models with the rotation augmentation (largest angle, degrees), the "
                             "demo's fODF coefficients (the input features after T1 and FA) rotated with each "
                             "streamline (--sh_features 2 COUNT, --sh_basis descoteaux07). [0: off]")
+    train.add_argument("--l2t_options", default="", metavar="'OPTIONS'",
+                       help="More l2t_train_model options, one quoted string (after the recipe's, so they "
+                            "win), e.g. '--nb_previous_dirs 0'. ['']")
+    train.add_argument("--tt_options", default="", metavar="'OPTIONS'",
+                       help="More tt_train_model options, likewise. ['']")
+    train.add_argument("--tracking_validation", action="store_true",
+                       help="Both trainers pick their best epoch by tracking the validation subjects "
+                            "(--add_a_tracking_validation_phase --tracking_mask wm_mask).")
     track = p.add_argument_group("Tracking (identical for every tracker)")
     track.add_argument("--nt", type=int, default=5000, help="Seeds in the interface mask. [%(default)s]")
     track.add_argument("--rng_seed", type=int, default=0, help="[%(default)s]")
@@ -243,7 +252,8 @@ def train_missing_models(args, hdf5: Path, out: Path) -> dict:
                               INPUT_GROUP, STREAMLINE_GROUP, "--step_size", args.step_size,
                               "--max_epochs", args.epochs, "--max_batches_per_epoch_training",
                               args.batches_per_epoch, "--batch_size_training", args.batch_size,
-                              *COMMON_TRAINING, *rotation_options(args, hdf5), "--rng", rng, *recipe, "-v"]
+                              *COMMON_TRAINING, *rotation_options(args, hdf5), "--rng", rng, *recipe,
+                              *extra_training_options(args, family), "-v"]
     seconds = run_side_by_side(to_train, out) if to_train else {}
     return {key: {"experiment": str(experiment), "train_s": seconds.get(experiment.name),
                   "epochs": epochs_trained(experiment)} for key, experiment in experiments.items()}
@@ -258,6 +268,13 @@ def rotation_options(args, hdf5: Path) -> list:
         n_sh = cohort.volume_groups()[INPUT_GROUP] - 2
     return ["--rotation_augmentation", args.rotation_augmentation, "--sh_features", 2, n_sh,
             "--sh_basis", SH_BASIS]
+
+
+def extra_training_options(args, family: str) -> list[str]:
+    options = shlex.split(args.l2t_options if family == "l2t" else args.tt_options)
+    if args.tracking_validation:
+        options += ["--add_a_tracking_validation_phase", "--tracking_mask", TRACKING_MASK_GROUP]
+    return options
 
 
 def epochs_trained(experiment: Path) -> int:

@@ -291,16 +291,16 @@ def test_an_output_that_is_a_directory_is_refused(world, tmp_path, capsys):
 def test_of_two_runs_racing_for_a_new_output_the_second_to_finish_fails(world, tmp_path, monkeypatch):
     """Run A writes its temporary and waits; run B, started on the same absent output, completes; then A
     must fail at its final rename instead of replacing B's tractogram."""
-    real_save = trackflow.data.tractograms._save_tractogram
+    real_save = trackflow.data.tractograms._save_trk
     a_wrote, b_done = threading.Event(), threading.Event()
 
-    def save_then_wait_for_b(sft, path):
-        real_save(sft, path)
+    def save_then_wait_for_b(path, *data):
+        real_save(path, *data)
         if threading.current_thread().name == "run A":
             a_wrote.set()
             b_done.wait(timeout=120)
 
-    monkeypatch.setattr(trackflow.data.tractograms, "_save_tractogram", save_then_wait_for_b)
+    monkeypatch.setattr(trackflow.data.tractograms, "_save_trk", save_then_wait_for_b)
     out = tmp_path / "raced.trk"
 
     def run(nt):

@@ -7,17 +7,57 @@ import sys
 
 def test_a_tracking_run_does_not_import_vtk(experiment, tmp_path):
     # dipy.io.streamline imports vtk, and dipy.data imports dipy.io.streamline: 1.3 s of every tracking run's
-    # start-up. The whole run counts: the model classes (a sphere-classification head here) load lazily.
+    # start-up; any dipy.io imports pandas, another 0.4-0.5 s. The whole run counts: the model classes (a
+    # sphere-classification head here) load lazily.
     hdf5, folder = experiment
     out = tmp_path / "out.trk"
     code = ("import sys\nfrom trackflow.cli.track import l2t_main\n"
             f"l2t_main([{str(folder)!r}, {SUBJECT!r}, 'input', {str(out)!r}, 'interface_mask', '--hdf5_file', "
             f"{str(hdf5)!r}, '--nt', '5', '--processes', '1'])\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vtk', 'fury')))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vtk', 'fury', 'pandas')\n"
+            "             or m.startswith('dipy.io')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert out.exists()
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_vectorised_trk_writer_writes_what_nibabel_writes(tmp_path):
+    # An oblique grid, streamlines of 1 to 30 points, seeds (per-streamline data) and two per-point arrays.
+    affine = np.array([[-1.2, 0.1, 0, 30], [0.1, 1.3, 0, -20], [0, 0, 1.1, 5], [0, 0, 0, 1]])
+    reference = nib.Nifti1Image(np.zeros((20, 30, 10), np.float32), affine)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 31, 200)
+    lines = [rng.uniform(0, 10, (n, 3)).astype(np.float32) for n in lengths]
+    seeds = rng.uniform(0, 10, (200, 3)).astype(np.float32)
+    dpp = {"loss": rng.uniform(size=lengths.sum()), "rgb": rng.uniform(size=(lengths.sum(), 3))}
+    ours = tmp_path / "ours.trk"
+    save_tractogram_file(ours, lines, reference, seeds=seeds, data_per_point=dpp)
+
+    offsets = np.cumsum(lengths) - lengths
+    header = {nib.streamlines.Field.VOXEL_TO_RASMM: affine, nib.streamlines.Field.VOXEL_SIZES:
+              reference.header.get_zooms()[:3], nib.streamlines.Field.DIMENSIONS: reference.shape[:3],
+              nib.streamlines.Field.VOXEL_ORDER: "".join(nib.aff2axcodes(affine))}
+    rasmm = [nib.affines.apply_affine(affine, line - 0.5) for line in lines]  # vox/corner -> RASMM
+    tractogram = nib.streamlines.Tractogram(
+        rasmm, data_per_streamline={"seeds": seeds - 0.5}, affine_to_rasmm=np.eye(4),
+        data_per_point={k: [np.reshape(v, (len(v), -1))[o:o + n] for o, n in zip(offsets, lengths)]
+                        for k, v in dpp.items()})
+    theirs = tmp_path / "theirs.trk"
+    nib.streamlines.save(nib.streamlines.TrkFile(tractogram, header=header), str(theirs))
+
+    assert ours.read_bytes()[:1000] == theirs.read_bytes()[:1000]  # the header, counts and names included
+    assert ours.stat().st_size == theirs.stat().st_size
+    a, b = nib.streamlines.load(str(ours)), nib.streamlines.load(str(theirs))
+    np.testing.assert_array_equal(a.streamlines._lengths, b.streamlines._lengths)
+    np.testing.assert_allclose(a.streamlines.get_data(), b.streamlines.get_data(), atol=1e-4)
+    np.testing.assert_array_equal(a.tractogram.data_per_streamline["seeds"], b.tractogram.data_per_streamline["seeds"])
+    for key in dpp:
+        np.testing.assert_array_equal(a.tractogram.data_per_point[key].get_data(),
+                                      b.tractogram.data_per_point[key].get_data())
+    empty = tmp_path / "empty.trk"
+    save_tractogram_file(empty, [], reference, seeds=np.zeros((0, 3), np.float32))
+    assert len(nib.streamlines.load(str(empty)).streamlines) == 0
 
 
 def test_dipy_spheres_are_read_without_dipy_data():

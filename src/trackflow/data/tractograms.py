@@ -7,10 +7,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import trx.trx_file_memmap as tmm
-from dipy.io.stateful_tractogram import Origin, Space, StatefulTractogram
-from dipy.io.utils import create_tractogram_header
 from nibabel.streamlines import ArraySequence, Tractogram, detect_format
+from nibabel.streamlines.trk import Field, TrkFile, encode_value_in_name
 
 from trackflow.data.streamlines import array_sequence_from_parts, offsets_from_lengths
 from trackflow.errors import TrackflowError
@@ -30,8 +28,8 @@ def check_tractogram_path(path, save_seeds: bool = False) -> None:
         raise TrackflowError("--save_seeds needs a .trk or .trx output (.tck has no per-streamline data)")
 
 
-def load_tractogram_file(path, reference=None) -> StatefulTractogram:
-    """A .trk, .trx or .tck (``reference`` needed for .tck only) as a dipy StatefulTractogram.
+def load_tractogram_file(path, reference=None):
+    """A .trk, .trx or .tck (``reference`` needed for .tck only) as a dipy ``StatefulTractogram``.
 
     Unreadable files, and a .trk whose header is not the grid of a given ``reference``, raise
     ``TrackflowError``; no bounding-box check (tracked streamlines may end one step outside the volume).
@@ -81,35 +79,89 @@ def save_tractogram_file(path, streamlines, reference: nib.Nifti1Image, seeds: n
         False: refuse an existing ``path``, atomically at the final rename (two runs racing for one output).
     """
     streamlines = streamlines if isinstance(streamlines, ArraySequence) else ArraySequence(streamlines)
-    points = streamlines.get_data()  # compact copy, so that row i of data_per_point is point i
+    points = streamlines.get_data().reshape(-1, 3)  # compact copy: row i of data_per_point is point i
     lengths = np.asarray(streamlines._lengths)
-    offsets = offsets_from_lengths(lengths)
-    dpp = {key: array_sequence_from_parts(np.asarray(values, np.float32).reshape(len(points), -1), offsets,
-                                          lengths)
-           for key, values in (data_per_point or {}).items()}
+    dpp = {key: _columns(values) for key, values in (data_per_point or {}).items()}
     dps = {"seeds": (seeds - 0.5).astype(np.float32)} if seeds is not None else {}
-    sft = StatefulTractogram(array_sequence_from_parts(points, offsets, lengths), reference, Space.VOX,
-                             origin=Origin.TRACKVIS, data_per_streamline=dps, data_per_point=dpp)
     with atomic_output(path, overwrite=overwrite) as tmp:
-        _save_tractogram(sft, Path(tmp))  # the temporary name ends in the format's extension
+        # The temporary name ends in the format's extension.
+        if Path(tmp).suffix.lower() == ".trk":
+            _save_trk(Path(tmp), points, lengths, reference, dps, dpp)
+        else:
+            _save_with_dipy(Path(tmp), points, lengths, reference, dps, dpp)
     LOGGER.info("wrote %s", path)
 
 
-def _save_tractogram(sft: StatefulTractogram, path: Path) -> None:
-    """What dipy's ``save_tractogram`` does for .trk, .tck and .trx (the same bytes), written with nibabel
-    and trx-python: ``dipy.io.streamline`` imports vtk, about a second of every tracking run's start-up."""
-    suffix = path.suffix.lower()
+def _columns(values) -> np.ndarray:
+    """Per-row values [N] or [N, ...] as float32 [N, K] (N may be 0)."""
+    values = np.asarray(values, np.float32)
+    return values.reshape(values.shape[0], int(np.prod(values.shape[1:])))
+
+
+def _save_trk(path: Path, points: np.ndarray, lengths: np.ndarray, reference: nib.Nifti1Image,
+              data_per_streamline: dict, data_per_point: dict) -> None:
+    """A .trk as nibabel writes it (its header, its record layout), in one vectorised pass instead of its
+    Python loop over streamlines (a second for 20,000 streamlines: a tenth of a tracking run).
+
+    The header is the reference's grid with the voxel order of its affine, so TrackVis' voxmm coordinates
+    are vox/corner times the voxel sizes. Each record: int32 point count, then per point x, y, z and the
+    scalars (data_per_point, keys sorted), then the properties (data_per_streamline, keys sorted).
+    """
+    header = TrkFile._default_structarr(endianness="little")
+    header[Field.VOXEL_TO_RASMM] = reference.affine
+    header[Field.VOXEL_SIZES] = reference.header.get_zooms()[:3]
+    header[Field.DIMENSIONS] = reference.shape[:3]
+    header[Field.VOXEL_ORDER] = "".join(nib.orientations.aff2axcodes(reference.affine))
+    scalar_keys, property_keys = sorted(data_per_point), sorted(data_per_streamline)
+    scalars = [_columns(data_per_point[k]) for k in scalar_keys]
+    properties = [_columns(data_per_streamline[k]) for k in property_keys]
+    for i, (key, values) in enumerate(zip(scalar_keys, scalars) if len(lengths) else ()):
+        header["scalar_name"][i] = encode_value_in_name(values.shape[1], key)
+    for i, (key, values) in enumerate(zip(property_keys, properties) if len(lengths) else ()):
+        header["property_name"][i] = encode_value_in_name(values.shape[1], key)
+    per_point = np.concatenate([points * header[Field.VOXEL_SIZES].astype(np.float64)] + scalars, axis=1)
+    per_streamline = np.concatenate([np.zeros((len(lengths), 0))] + properties, axis=1)
+    width, n_properties = per_point.shape[1], per_streamline.shape[1]
+    header[Field.NB_STREAMLINES] = len(lengths)
+    header[Field.NB_SCALARS_PER_POINT] = width - 3 if len(lengths) else 0
+    header[Field.NB_PROPERTIES_PER_STREAMLINE] = n_properties if len(lengths) else 0
+
+    lengths = np.asarray(lengths, np.int64)
+    words = 1 + lengths * width + n_properties  # 4-byte words of each record
+    starts = offsets_from_lengths(words)
+    body = np.empty(int(words.sum()), dtype="<f4")
+    body.view("<i4")[starts] = lengths
+    first_point_word = np.repeat(starts + 1, lengths) + (np.arange(len(points)) - np.repeat(
+        offsets_from_lengths(lengths), lengths)) * width
+    body[first_point_word[:, None] + np.arange(width)] = per_point
+    if n_properties:
+        body[(starts + 1 + lengths * width)[:, None] + np.arange(n_properties)] = per_streamline
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(body.tobytes())
+
+
+def _save_with_dipy(path: Path, points: np.ndarray, lengths: np.ndarray, reference: nib.Nifti1Image,
+                    data_per_streamline: dict, data_per_point: dict) -> None:
+    """.tck and .trx: what dipy's ``save_tractogram`` does (the same bytes), written with nibabel and
+    trx-python. Imported here: ``dipy.io`` costs half a second of start-up (pandas), and
+    ``dipy.io.streamline`` imports vtk, which the tracking scripts never need."""
+    import trx.trx_file_memmap as tmm
+    from dipy.io.stateful_tractogram import Origin, Space, StatefulTractogram
+    from dipy.io.utils import create_tractogram_header
+
+    offsets = offsets_from_lengths(lengths)
+    dpp = {key: array_sequence_from_parts(values, offsets, lengths) for key, values in data_per_point.items()}
+    sft = StatefulTractogram(array_sequence_from_parts(points, offsets, lengths), reference, Space.VOX,
+                             origin=Origin.TRACKVIS, data_per_streamline=data_per_streamline, data_per_point=dpp)
     sft.to_rasmm()
     sft.to_center()
-    if suffix == ".trx":
+    if path.suffix.lower() == ".trx":
         trx = tmm.TrxFile.from_sft(sft)
         tmm.save(trx, str(path))
         trx.close()
         return
     tractogram_type = detect_format(str(path))
     tractogram = Tractogram(sft.streamlines, affine_to_rasmm=np.eye(4))
-    if suffix == ".trk":
-        tractogram.data_per_point = sft.data_per_point
-        tractogram.data_per_streamline = sft.data_per_streamline
     header = create_tractogram_header(tractogram_type, *sft.space_attributes)
     nib.streamlines.save(tractogram_type(tractogram, header=header), str(path))

@@ -56,9 +56,10 @@ def interpolate_trilinear(volume: torch.Tensor, points: torch.Tensor,
     flat_index = (index_terms[0][:, :, None, None] + index_terms[1][:, None, :, None]
                   + index_terms[2][:, None, None, :]).reshape(-1)
     corner_weights = (weights[0][:, :, None, None] * weights[1][:, None, :, None]
-                      * weights[2][:, None, None, :]).reshape(-1, 1, 8)
+                      * weights[2][:, None, None, :]).reshape(-1, 8, 1)
     values = volume.reshape(-1, nb_features).index_select(0, flat_index).view(-1, 8, nb_features)
-    interpolated = torch.bmm(corner_weights, values)  # [P, 1, F]
+    # A weighted sum, not bmm: [1, 8] x [8, F] per point is too small a product (bmm took twice as long).
+    interpolated = (values * corner_weights).sum(1)  # [P, F]
     return interpolated.reshape(n_points, n_neighbours * nb_features)
 
 

@@ -200,7 +200,8 @@ class StepProposal:
 
     row_active: bool [B] (False: the row stopped since the last check and the model ran on the scratch
     slot); proposing: bool [B] (active and not replaying its prefix: only these rows may append or stop); last: float32 [B, 3] current last point; unit: float32 [B, 3] unit step direction (0 where none);
-    no_direction, eos, too_sharp: bool [B], the three refusals; valid: bool [B], none of them.
+    no_direction, eos, too_sharp: bool [B], the three refusals; valid: bool [B], none of them; lengths,
+    prev_dir, has_prev, step_counter: the rows' slot state the proposal was made from (read once per step).
     """
 
     row_active: torch.Tensor
@@ -211,6 +212,10 @@ class StepProposal:
     eos: torch.Tensor
     too_sharp: torch.Tensor
     valid: torch.Tensor
+    lengths: torch.Tensor
+    prev_dir: torch.Tensor
+    has_prev: torch.Tensor
+    step_counter: torch.Tensor
 
 
 class Tracker:
@@ -281,16 +286,21 @@ class Tracker:
     def _propose_steps(self, rows: torch.Tensor) -> StepProposal:
         """Run the model on ``rows`` (stopped ones on the scratch slot), decode one unit direction per row and
         test it: no finite direction, EOS above the threshold, turn sharper than theta."""
-        p, s = self.params, self.slots
-        row_active = s.active[rows]
+        s = self.slots
+        # index_select, not s.x[rows]: 1-D advanced indexing is several times slower at these sizes.
+        row_active = s.active.index_select(0, rows)
+        lengths = s.lengths.index_select(0, rows)
+        prev_dir = s.prev_dir.index_select(0, rows)
+        has_prev = s.has_prev.index_select(0, rows)
+        step_counter = s.step_counter.index_select(0, rows)
         model_rows = torch.where(row_active, rows, self.scratch)
-        model_lengths = s.fed[model_rows] + 1  # [B], the point fed now included
-        proposing = row_active & (model_lengths == s.lengths[rows])
+        model_lengths = s.fed.index_select(0, model_rows) + 1  # [B], the point fed now included
+        proposing = row_active & (model_lengths == lengths)
         window = self._last_points(model_rows, model_lengths)  # [B, W, 3]
         raw = self.model.tracking_step(self.model_state, model_rows, window, model_lengths)
 
-        direction = self.decoder.directions(raw, s.seed_index[rows], s.step_counter[rows], s.prev_dir[rows],
-                                            s.has_prev[rows])
+        direction = self.decoder.directions(raw, s.seed_index.index_select(0, rows), step_counter, prev_dir,
+                                            has_prev)
         direction = direction.to(torch.float32)
         norm = direction.norm(dim=1)
         no_direction = ~(norm > 1e-12) | ~torch.isfinite(norm)  # NaN norms fail both tests
@@ -298,17 +308,18 @@ class Tracker:
         unit = torch.nan_to_num(unit)
         # A backward half whose forward half is only the seed takes its first step along -first_dir:
         # the model, given the same lone seed, would only repeat the step that failed.
-        forced = s.forced[rows] & proposing
-        unit = torch.where(forced[:, None], s.prev_dir[rows], unit)
+        forced = s.forced.index_select(0, rows) & proposing
+        unit = torch.where(forced[:, None], prev_dir, unit)
         no_direction &= ~forced
 
         eos = self._eos(raw)
         eos = torch.zeros_like(no_direction) if eos is None else eos & ~forced
-        cosine = (unit * s.prev_dir[rows]).sum(dim=1)
-        too_sharp = s.has_prev[rows] & (cosine < self.cos_theta) & ~no_direction
+        cosine = (unit * prev_dir).sum(dim=1)
+        too_sharp = has_prev & (cosine < self.cos_theta) & ~no_direction
         valid = ~no_direction & ~eos & ~too_sharp
         last = window[torch.arange(len(rows), device=rows.device), model_lengths.clamp(max=self.window) - 1]
-        return StepProposal(row_active, proposing, last, unit, no_direction, eos, too_sharp, valid)
+        return StepProposal(row_active, proposing, last, unit, no_direction, eos, too_sharp, valid,
+                            lengths, prev_dir, has_prev, step_counter)
 
     def _eos(self, raw: torch.Tensor) -> torch.Tensor | None:
         """bool [B]: the head says 'end here' under the EOS rule; None without a rule or an EOS output."""
@@ -332,8 +343,7 @@ class Tracker:
         """Append the valid proposed points the stopping criterion allows, stop the rows that cannot go on
         (recording why) and update the direction bookkeeping of ``rows``."""
         p, s = self.params, self.slots
-        row_active, proposing = proposal.row_active, proposal.proposing
-        lengths = s.lengths[rows]
+        row_active, proposing, lengths = proposal.row_active, proposal.proposing, proposal.lengths
         new_points = proposal.last + p.step_size_vox * proposal.unit
         status = self.criterion.check_points(new_points)
         in_tracking = status == StreamlineStatus.TRACKPOINT
@@ -341,26 +351,31 @@ class Tracker:
         new_lengths = lengths + append.long()
         keep_going = append & in_tracking & (new_lengths < p.max_points)
 
-        # Write the new points by index; rows that do not append write their current value back.
-        write_at = lengths.clamp(max=p.max_points - 1)
-        current = s.positions[rows, write_at]
-        s.positions[rows, write_at] = torch.where(append[:, None], new_points, current)
-        s.lengths[rows] = new_lengths
+        # Write the new points by index (rows are distinct); rows that do not append write their current
+        # value back. index_copy_ on flat views: advanced-index assignment is several times slower.
+        flat_positions = s.positions.view(-1, 3)
+        write_at = rows * p.max_points + lengths.clamp(max=p.max_points - 1)
+        current = flat_positions.index_select(0, write_at)
+        flat_positions.index_copy_(0, write_at, torch.where(append[:, None], new_points, current))
+        s.lengths.index_copy_(0, rows, new_lengths)
 
-        first_step = proposing & ~s.backward[rows] & (s.step_counter[rows] == 0)
-        s.first_dir[rows] = torch.where(first_step[:, None], proposal.unit, s.first_dir[rows])
-        s.prev_dir[rows] = torch.where(append[:, None], proposal.unit, s.prev_dir[rows])
-        s.has_prev[rows] |= append
-        s.step_counter[rows] += proposing.long()
-        s.fed[rows] += row_active.long()
-        s.forced[rows] = False
+        backward = s.backward.index_select(0, rows)
+        first_step = proposing & ~backward & (proposal.step_counter == 0)
+        s.first_dir.index_copy_(0, rows, torch.where(first_step[:, None], proposal.unit,
+                                                     s.first_dir.index_select(0, rows)))
+        s.prev_dir.index_copy_(0, rows, torch.where(append[:, None], proposal.unit, proposal.prev_dir))
+        s.has_prev.index_copy_(0, rows, proposal.has_prev | append)
+        s.step_counter.index_copy_(0, rows, proposal.step_counter + proposing.long())
+        s.fed.index_copy_(0, rows, s.fed.index_select(0, rows) + row_active.long())
+        s.forced.index_fill_(0, rows, False)
 
         stopping = proposing & ~keep_going
         reason = _stop_reasons(status, proposal)
-        end = s.backward[rows].long()
-        flat = s.end_reasons.view(-1)
-        flat[rows * 2 + end] = torch.where(stopping, reason.to(torch.int8), flat[rows * 2 + end])
-        s.active[rows] = row_active & (keep_going | ~proposing)
+        flat_reasons = s.end_reasons.view(-1)
+        end_at = rows * 2 + backward.long()
+        flat_reasons.index_copy_(0, end_at, torch.where(stopping, reason.to(torch.int8),
+                                                        flat_reasons.index_select(0, end_at)))
+        s.active.index_copy_(0, rows, row_active & (keep_going | ~proposing))
 
     # ---------------------------------------------------------------- the periodic host check
     def _turn_finish_and_refill(self, next_seed: int, end: int, n_slots: int, progress) -> int:

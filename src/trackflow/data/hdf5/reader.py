@@ -12,7 +12,6 @@ from pathlib import Path
 import h5py
 import nibabel as nib
 import numpy as np
-from dipy.io.stateful_tractogram import Origin, Space, StatefulTractogram
 from nibabel.streamlines import ArraySequence
 from nibabel.streamlines.trk import TrkFile
 
@@ -97,8 +96,9 @@ def _optional_number(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _parse_space(text: str) -> Space:
+def _parse_space(text: str) -> "Space":
     # dwi_ml accepts 'Space.VOX' and 'vox', any case.
+    from dipy.io.stateful_tractogram import Space  # dipy.io: half a second of every start-up (pandas)
     name = _decode(text).lower().removeprefix("space.")
     for space in Space:
         if name in (space.name.lower(), space.value.lower()):
@@ -106,8 +106,9 @@ def _parse_space(text: str) -> Space:
     raise TrackflowError(f"unknown streamline space {text!r}")
 
 
-def _parse_origin(text: str) -> Origin:
+def _parse_origin(text: str) -> "Origin":
     # 'Origin.TRACKVIS', 'trackvis' and 'corner' all mean vox/corner.
+    from dipy.io.stateful_tractogram import Origin
     name = _decode(text).lower().removeprefix("origin.")
     for origin in Origin:
         if name in (origin.name.lower(), origin.value.lower()):
@@ -364,8 +365,9 @@ class HDF5Cohort:
         return header
 
     @_damage_is_an_error
-    def to_sft(self, subject: str, group: str, indices=None) -> StatefulTractogram:
+    def to_sft(self, subject: str, group: str, indices=None) -> "StatefulTractogram":
         """The streamlines (and kept dps) as a vox/corner StatefulTractogram."""
+        from dipy.io.stateful_tractogram import StatefulTractogram
         h5_group = self._streamline_group(subject, group)
         streamlines = self.read_streamlines(subject, group, indices)
         return StatefulTractogram(
