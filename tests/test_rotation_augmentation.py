@@ -73,6 +73,24 @@ def test_random_rotations_respect_the_largest_angle():
     assert angles.max() <= 15.0 + 1e-9 and angles.max() > 12.0
 
 
+def test_rotations_about_a_given_axis_keep_it_and_turn_both_ways():
+    axis = np.array([0.0, -0.26, 0.97])
+    rotations = random_rotations(np.random.default_rng(0), 200, 15.0, axis)
+    unit = axis / np.linalg.norm(axis)
+    np.testing.assert_allclose(rotations @ unit, np.broadcast_to(unit, (200, 3)), atol=1e-12)
+    # the signed angle about the axis: both signs, bounded by the largest angle
+    normal = np.cross(unit, [1.0, 0, 0])
+    turned = rotations @ normal
+    signed = np.degrees(np.arctan2(np.cross(normal, turned) @ unit, turned @ normal))
+    assert signed.min() < -12 and signed.max() > 12 and np.abs(signed).max() <= 15 + 1e-9
+    # without an axis the draws are those of before the option existed (same rng calls, same order)
+    rng = np.random.default_rng(3)
+    axes = rng.normal(size=(4, 3))
+    expected = axis_angle_matrices(axes / np.linalg.norm(axes, axis=1, keepdims=True),
+                                   np.deg2rad(15.0) * rng.uniform(size=4))
+    np.testing.assert_array_equal(random_rotations(np.random.default_rng(3), 4, 15.0), expected)
+
+
 def test_sh_counts_and_options_are_validated():
     assert [sh_order_of_count(c) for c in (1, 6, 15, 28, 45)] == [0, 2, 4, 6, 8]
     with pytest.raises(TrackflowError, match="no symmetric SH order"):
@@ -83,6 +101,10 @@ def test_sh_counts_and_options_are_validated():
         LoaderParams(rotation_augmentation_deg=200)
     with pytest.raises(TrackflowError, match="is off"):
         LoaderParams(sh_features=[2, 45])
+    with pytest.raises(TrackflowError, match="--rotation_axis is only used"):
+        LoaderParams(rotation_axis=[0, 0, 1])
+    with pytest.raises(TrackflowError, match="not all zero"):
+        LoaderParams(rotation_augmentation_deg=10, rotation_axis=[0, 0, 0])
     with pytest.raises(TrackflowError, match="goes past"):
         LoaderParams(rotation_augmentation_deg=10, sh_features=[3, 45]).check_features(47)
     LoaderParams(rotation_augmentation_deg=10, sh_features=[2, 45]).check_features(47)

@@ -105,6 +105,9 @@ def add_batch_loader_args(parser: argparse.ArgumentParser) -> None:
                        help="Rotate each training streamline, and the input signal it sees, by a random "
                             "rotation (axis uniform on the sphere, angle uniform in [0, DEG]; 180: any). "
                             "Needs isotropic voxels; give the SH features with --sh_features. [0: off]")
+    group.add_argument("--rotation_axis", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                       help="With --rotation_augmentation: rotate about this axis only (voxel axes), by an "
+                            "angle uniform in [-DEG, DEG]. [a random axis per streamline]")
     group.add_argument("--sh_features", type=int, nargs=2, metavar=("FIRST", "COUNT"),
                        help="With --rotation_augmentation: the input group's SH coefficients are features "
                             "FIRST..FIRST+COUNT-1 of each neighbour (0-based; COUNT = (l+1)(l+2)/2, e.g. 45 "
@@ -359,7 +362,7 @@ def training_arguments(args, family: str) -> dict:
         loader=LoaderParams(noise_gaussian_size_forward=args.noise_gaussian_size_forward,
                             noise_gaussian_size_loss=args.noise_gaussian_size_loss,
                             split_ratio=args.split_ratio, reverse_ratio=args.reverse_ratio,
-                            rotation_augmentation_deg=args.rotation_augmentation,
+                            rotation_augmentation_deg=args.rotation_augmentation, rotation_axis=args.rotation_axis,
                             sh_features=args.sh_features, sh_basis=args.sh_basis),
         trainer=TrainerParams(learning_rates=parse_learning_rates(args.learning_rate),
                               weight_decay=args.weight_decay, optimizer=args.optimizer,

@@ -85,15 +85,20 @@ def _degrees(sh_order: int) -> np.ndarray:
     return np.concatenate([[l] * (2 * l + 1) for l in range(0, sh_order + 1, 2)])
 
 
-def random_rotations(rng: np.random.Generator, n: int, max_angle_deg: float) -> np.ndarray:
-    """``n`` rotation matrices [n, 3, 3]: axis uniform on the sphere, angle uniform in [0, max_angle_deg].
+def random_rotations(rng: np.random.Generator, n: int, max_angle_deg: float, axis=None) -> np.ndarray:
+    """``n`` rotation matrices [n, 3, 3]: axis uniform on the sphere, angle uniform in [0, max_angle_deg]; or,
+    with a given ``axis`` [3], about that axis with an angle uniform in [-max_angle_deg, max_angle_deg].
 
-    Draws, in this order, ``rng.normal(size=(n, 3))`` (axes) and ``rng.uniform(size=n)`` (angles).
+    Draws, in this order, ``rng.normal(size=(n, 3))`` (axes, also when one is given) and
+    ``rng.uniform(size=n)`` (angles).
     """
     axes = rng.normal(size=(n, 3))
-    axes /= np.maximum(np.linalg.norm(axes, axis=1, keepdims=True), 1e-12)
-    angles = np.deg2rad(max_angle_deg) * rng.uniform(size=n)
-    return axis_angle_matrices(axes, angles)
+    uniform = rng.uniform(size=n)
+    if axis is not None:
+        axes = np.broadcast_to(np.asarray(axis, dtype=np.float64), (n, 3))
+        uniform = 2 * uniform - 1
+    axes = axes / np.maximum(np.linalg.norm(axes, axis=1, keepdims=True), 1e-12)
+    return axis_angle_matrices(axes, np.deg2rad(max_angle_deg) * uniform)
 
 
 def axis_angle_matrices(axes: np.ndarray, angles: np.ndarray) -> np.ndarray:

@@ -49,6 +49,7 @@ class LoaderParams:
     # Random rotation of each training streamline (largest angle, degrees; 0: off), the SH features of the
     # input group rotated with it: [first feature, count] (None: every feature is a scalar) in sh_basis.
     rotation_augmentation_deg: float = 0.0
+    rotation_axis: list | None = None  # voxel axes; None: uniform on the sphere
     sh_features: list | None = None
     sh_basis: str = "descoteaux07"
 
@@ -62,6 +63,12 @@ class LoaderParams:
         if not 0.0 <= self.rotation_augmentation_deg <= 180.0:
             raise TrackflowError(f"--rotation_augmentation must be in [0, 180] degrees, got "
                                  f"{self.rotation_augmentation_deg}")
+        if self.rotation_axis is not None:
+            self.rotation_axis = [float(v) for v in self.rotation_axis]
+            if len(self.rotation_axis) != 3 or not np.linalg.norm(self.rotation_axis) > 0:
+                raise TrackflowError(f"--rotation_axis takes X Y Z, not all zero, got {self.rotation_axis}")
+            if self.rotation_augmentation_deg == 0:
+                raise TrackflowError("--rotation_axis is only used by --rotation_augmentation, which is off")
         if self.sh_basis not in SH_BASES:
             raise TrackflowError(f"--sh_basis must be one of {list(SH_BASES)}, got {self.sh_basis!r}")
         if self.sh_features is not None:
@@ -276,7 +283,8 @@ class BatchLoader:
         points = torch.from_numpy(np.concatenate(arrays)).to(self.device)
         rotations = None
         if training and self.params.rotation_augmentation_deg > 0:  # no draw when off
-            rotations = random_rotations(self.rng, len(arrays), self.params.rotation_augmentation_deg)
+            rotations = random_rotations(self.rng, len(arrays), self.params.rotation_augmentation_deg,
+                                         self.params.rotation_axis)
         return Batch(points, lengths.to(self.device), subjects, rotations)
 
     def _resample(self, streamlines, voxres):
