@@ -80,9 +80,9 @@ def save_tractogram_file(path, streamlines, reference: nib.Nifti1Image, seeds: n
     """
     streamlines = streamlines if isinstance(streamlines, ArraySequence) else ArraySequence(streamlines)
     points = streamlines.get_data().reshape(-1, 3)  # compact copy: row i of data_per_point is point i
-    lengths = np.asarray(streamlines._lengths)
+    lengths = np.asarray(streamlines._lengths, np.int64)
     dpp = {key: _columns(values) for key, values in (data_per_point or {}).items()}
-    dps = {"seeds": (seeds - 0.5).astype(np.float32)} if seeds is not None else {}
+    dps = {"seeds": _columns(seeds - 0.5)} if seeds is not None else {}
     with atomic_output(path, overwrite=overwrite) as tmp:
         # The temporary name ends in the format's extension.
         if Path(tmp).suffix.lower() == ".trk":
@@ -113,8 +113,8 @@ def _save_trk(path: Path, points: np.ndarray, lengths: np.ndarray, reference: ni
     header[Field.DIMENSIONS] = reference.shape[:3]
     header[Field.VOXEL_ORDER] = "".join(nib.orientations.aff2axcodes(reference.affine))
     scalar_keys, property_keys = sorted(data_per_point), sorted(data_per_streamline)
-    scalars = [_columns(data_per_point[k]) for k in scalar_keys]
-    properties = [_columns(data_per_streamline[k]) for k in property_keys]
+    scalars = [data_per_point[k] for k in scalar_keys]  # float32 [N, K] each (save_tractogram_file)
+    properties = [data_per_streamline[k] for k in property_keys]
     for i, (key, values) in enumerate(zip(scalar_keys, scalars) if len(lengths) else ()):
         header["scalar_name"][i] = encode_value_in_name(values.shape[1], key)
     for i, (key, values) in enumerate(zip(property_keys, properties) if len(lengths) else ()):
@@ -126,7 +126,6 @@ def _save_trk(path: Path, points: np.ndarray, lengths: np.ndarray, reference: ni
     header[Field.NB_SCALARS_PER_POINT] = width - 3 if len(lengths) else 0
     header[Field.NB_PROPERTIES_PER_STREAMLINE] = n_properties if len(lengths) else 0
 
-    lengths = np.asarray(lengths, np.int64)
     words = 1 + lengths * width + n_properties  # 4-byte words of each record
     starts = offsets_from_lengths(words)
     body = np.empty(int(words.sum()), dtype="<f4")

@@ -196,8 +196,9 @@ def gru_step(x: torch.Tensor, h: torch.Tensor, weight_ih: torch.Tensor, weight_h
     """``torch.gru_cell`` (x [B, I], h [B, L] -> [B, L]) with fewer and cheaper elementwise passes.
 
     At tracking's sizes the passes, not the two products, were half of a GRU step, its tanh alone as much
-    as the input product; the result differs from ``torch.gru_cell``'s by float rounding (~1e-7). Every pass runs on a column slice of a [B, 3L] gate tensor, so it runs
-    row by row as ``torch.gru_cell``'s do: a row's result does not depend on B (see ``StackedRNN._cell``).
+    as the input product; the result differs from ``torch.gru_cell``'s by float rounding (~1e-7). Every
+    pass runs on a column slice of a [B, 3L] gate tensor, so it runs row by row as ``torch.gru_cell``'s do:
+    a row's result does not depend on B (see ``StackedRNN._cell``).
     """
     size = h.shape[1]
     input_gates = torch.nn.functional.linear(x, weight_ih, bias_ih)  # [B, 3L]: r, z, n

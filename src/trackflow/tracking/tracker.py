@@ -365,8 +365,8 @@ class Tracker:
                                                      s.first_dir.index_select(0, rows)))
         s.prev_dir.index_copy_(0, rows, torch.where(append[:, None], proposal.unit, proposal.prev_dir))
         s.has_prev.index_copy_(0, rows, proposal.has_prev | append)
-        s.step_counter.index_copy_(0, rows, proposal.step_counter + proposing.long())
-        s.fed.index_copy_(0, rows, s.fed.index_select(0, rows) + row_active.long())
+        s.step_counter.index_add_(0, rows, proposing.long())  # rows are distinct
+        s.fed.index_add_(0, rows, row_active.long())
         s.forced.index_fill_(0, rows, False)
 
         stopping = proposing & ~keep_going
