@@ -144,6 +144,9 @@ def build_parser():
                        help="Largest angle between steps, degrees. [%(default)s]")
     track.add_argument("--min_length", type=float, default=10.0, help="mm. [%(default)s]")
     track.add_argument("--max_length", type=float, default=200.0, help="mm. [%(default)s]")
+    track.add_argument("--learned_tracking_options", default="", metavar="'OPTIONS'",
+                       help="More l2t/tt_track_from_model options, one quoted string (after the benchmark's, so "
+                            "they win), e.g. '--det_direction cone'. ['']")
     return p
 
 
@@ -289,7 +292,10 @@ def track_learned(family, algo, experiment, subject, hdf5, args, out: Path, name
                SEEDING_GROUP, "--hdf5_file", hdf5, "--algo", algo, "--step_size", args.step_size,
                "--theta", args.theta, "--min_length", args.min_length, "--max_length", args.max_length,
                "--tracking_mask_group", TRACKING_MASK_GROUP, "--nt", args.nt, "--rng_seed", args.rng_seed,
-               "--save_seeds", "-f"]
+               # The classical trackers' streamlines end inside the tracking mask (measured: none of
+               # scilpy's or tckgen's end points lies outside it); keeping the first point outside, the
+               # learned trackers' default, would add a voxel of overreach at every end (issue 13's protocol).
+               "--discard_last_point", "--save_seeds", "-f", *shlex.split(args.learned_tracking_options)]
     return tractogram, run_command(command, tractogram.with_suffix(".log"))
 
 
@@ -435,7 +441,8 @@ def main(argv=None):
         indent=2, default=str))
     print(f"\n{args.nt} seeds (interface mask, same for all), step {args.step_size} mm "
           f"({args.step_size / voxel_mm:.2f} voxel), theta {args.theta} deg, length "
-          f"[{args.min_length}, {args.max_length}] mm, tracking mask = WM mask; geometry {args.geometry}")
+          f"[{args.min_length}, {args.max_length}] mm, tracking mask = WM mask (learned trackers: "
+          f"--discard_last_point {args.learned_tracking_options}); geometry {args.geometry}")
     for (family, rng), info in training.items():
         how = f"trained in {info['train_s']:.0f} s" if info["train_s"] is not None else "reused"
         print(f"{family} rng {rng}: {info['epochs']} epochs, {how} ({info['experiment']})")

@@ -475,3 +475,33 @@ def test_a_cone_of_180_degrees_is_the_whole_distribution(key):
     previous = torch.nn.functional.normalize(torch.randn(50, 3), dim=1)
     torch.testing.assert_close(head.sample_in_cone(raw, u, previous, -1.0),
                                head.sample_from_uniforms(raw, u[:, :head.n_uniforms]), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("key", DIRECTION_GETTER_KEYS)
+def test_deterministic_in_cone_is_the_best_candidate_within_theta(key):
+    """Classification: the best vertex inside the cone; mixtures: the best component inside it; one-mode
+    heads: their mode. A cone of 180 degrees, or one no candidate reaches, gives the overall best."""
+    torch.manual_seed(8)
+    head = make_direction_getter(key, 10, {"add_eos": True, **HEAD_OPTIONS.get(key, {})})
+    n = 300
+    raw = head(torch.randn(n, 10)) * 3
+    previous = torch.nn.functional.normalize(torch.randn(n, 3), dim=1)
+    cos_theta = math.cos(math.radians(40))
+    best = head.deterministic(raw)
+    out = head.deterministic_in_cone(raw, previous, cos_theta)
+    torch.testing.assert_close(head.deterministic_in_cone(raw, previous, -1.0), best, atol=0, rtol=0)
+    if "classification" in key:
+        scores = raw[:, :head.nb_vertices].masked_fill((previous @ head.vertices.T) < cos_theta, -math.inf)
+        torch.testing.assert_close(out, head.vertices[scores.argmax(dim=1)], atol=0, rtol=0)
+        outside = torch.nn.functional.cosine_similarity(best, previous, dim=1) < cos_theta
+        assert int(outside.sum()) > n // 2  # most overall maxima lie outside: the rule changes them
+        return
+    if "mixture" not in key:
+        torch.testing.assert_close(out, best, atol=0, rtol=0)
+        return
+    mixture, means, _ = head._split(raw)
+    inside = torch.nn.functional.cosine_similarity(means, previous[:, None], dim=-1) >= cos_theta  # [N, C]
+    some = inside.any(dim=1)
+    assert 0 < int(some.sum()) < n and bool((~inside.all(dim=1) & some).any())  # not trivial
+    chosen = torch.where(some, mixture.masked_fill(~inside, -math.inf).argmax(dim=1), mixture.argmax(dim=1))
+    torch.testing.assert_close(out, means[torch.arange(n), chosen], atol=0, rtol=0)

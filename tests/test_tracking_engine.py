@@ -37,6 +37,11 @@ class FieldHead:
     def deterministic(self, raw):
         return raw[:, :3]
 
+    def deterministic_in_cone(self, raw, previous, cos_theta):
+        """A second candidate, the previous step: taken where the field turns sharper than theta."""
+        sharp = torch.nn.functional.cosine_similarity(raw[:, :3], previous, dim=1) < cos_theta
+        return torch.where(sharp[:, None], previous, raw[:, :3])
+
     def sample_from_uniforms(self, raw, u):
         return raw[:, :3] + self.jitter * (u - 0.5)
 
@@ -274,7 +279,7 @@ def curved_world():
     return field.astype(np.float32), mask, eos
 
 
-@pytest.mark.parametrize("algo, sampling", [("det", "cone"), ("prob", "full"), ("prob", "cone")])
+@pytest.mark.parametrize("algo, sampling", [("det", "full"), ("det", "cone"), ("prob", "full"), ("prob", "cone")])
 @pytest.mark.parametrize("model_class", [FieldModel, ReplayingFieldModel])
 def test_same_tractogram_whatever_the_number_of_slots(algo, sampling, model_class):
     # The replaying model's invariant checks (FieldModel._check_invariant) assert that the replay feeds each
@@ -285,7 +290,8 @@ def test_same_tractogram_whatever_the_number_of_slots(algo, sampling, model_clas
         model = model_class(field, eos, head=FieldHead(jitter=0.8))
         seeds = SeedGenerator(mask, rng_seed=3)
         tracker = Tracker(model, torch.zeros(1, 1, 1, 1), MaskStoppingCriterion(torch.as_tensor(mask)), seeds,
-                          make_direction_decoder(algo, model.direction_getter, 11, sampling, theta_deg=50),
+                          make_direction_decoder(algo, model.direction_getter, 11, sampling, theta_deg=50,
+                                                 det_direction=sampling),
                           TrackingParameters(step_size_vox=0.5, max_points=16, theta_deg=50, eos_threshold=0.5,
                                              n_slots=n_slots, check_every=3))
         results.append(tracker.track(60))
@@ -494,3 +500,23 @@ def test_eos_rule_must_be_a_probability_or_max(rule):
 def test_unknown_prob_sampling_is_refused():
     with pytest.raises(TrackflowError, match="prob_sampling"):
         make_direction_decoder("prob", FieldHead(), 0, "sphere")
+
+
+def test_det_in_the_cone_turns_where_the_overall_best_would_stop():
+    """A head whose best direction turns back and whose second best goes on: ``--det_direction full`` stops
+    the streamline at the angle test, ``cone`` takes the second best (the classical det rule); the first
+    step, with no previous direction, takes the overall best either way."""
+    head = make_direction_getter("sphere-classification", 4, {})
+    forward = int(torch.argmax(head.vertices @ torch.tensor([1.0, 0.0, 0.0])))
+    backward = int(torch.argmax(head.vertices @ torch.tensor([-1.0, 0.0, 0.0])))
+    raw = torch.full((2, head.nb_vertices), -10.0)
+    raw[:, backward], raw[:, forward] = 5.0, 4.0
+    previous = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    has_previous = torch.tensor([True, False])
+    args = (torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), previous, has_previous)
+    full = make_direction_decoder("det", head, 0, theta_deg=45).directions(raw, *args)
+    cone = make_direction_decoder("det", head, 0, theta_deg=45, det_direction="cone").directions(raw, *args)
+    torch.testing.assert_close(full, head.vertices[[backward, backward]])
+    torch.testing.assert_close(cone, head.vertices[[forward, backward]])
+    with pytest.raises(TrackflowError, match="det_direction"):
+        make_direction_decoder("det", head, 0, det_direction="max")

@@ -267,6 +267,7 @@ def tracking_options():
     options["discard_last_point"] = TRACKING["discard_last"]
     # only prob reads it: det tracking keeps the same command (and is not rerun) whatever it says
     options["prob_sampling"] = TRACKING["prob_sampling"] if TRACKING["algo"] == "prob" else None
+    options["det_direction"] = TRACKING["det_direction"] if TRACKING["algo"] == "det" else None
     return " ".join(filter(None, [as_cli_options(options), device_options(TRACKING)]))
 
 

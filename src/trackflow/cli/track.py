@@ -11,7 +11,7 @@ from trackflow.cli.common import (add_ignored_dwi_ml_args, add_overwrite_arg, ad
                                   positive_float, positive_int, probability, run_cli, setup_logging,
                                   warn_ignored_dwi_ml_args)
 from trackflow.data.hdf5.reader import SUBSET_NAMES
-from trackflow.tracking.decoders import ALGOS, PROB_SAMPLINGS
+from trackflow.tracking.decoders import ALGOS, DET_DIRECTIONS, PROB_SAMPLINGS
 from trackflow.tracking.run import EOS_STOPS, TrackingOptions, track_from_experiment
 from trackflow.tracking.stopping import MASK_INTERPOLATIONS
 
@@ -80,6 +80,13 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                "else an angle stop); 'full' samples the whole distribution, as dwi_ml, and a "
                                "draw beyond --theta ends the streamline. A seed's first step samples the whole "
                                "distribution either way. [%(default)s]")
+    tracking.add_argument("--det_direction", default=defaults.det_direction, choices=DET_DIRECTIONS,
+                          help="--algo det: 'cone' takes the head's most likely direction among those within "
+                               "--theta of the previous step (the classical rule: dipy's and scilpy's det; "
+                               "classification heads: the best vertex in the cone, mixtures: the best "
+                               "component in it, one-mode heads: their mode); 'full' takes the most likely "
+                               "direction overall, as dwi_ml, and one beyond --theta ends the streamline. "
+                               "[%(default)s]")
     tracking.add_argument("--discard_last_point", "--discard_last", action="store_true",
                           help="Keep only points inside the tracking mask [off: the first point outside is "
                                "kept, as dipy and scilpy].")

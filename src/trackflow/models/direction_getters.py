@@ -100,6 +100,15 @@ def _most_likely_component(mixture: torch.Tensor, means: torch.Tensor) -> torch.
     return means[torch.arange(means.shape[0], device=means.device), torch.argmax(mixture, dim=-1)]
 
 
+def _most_likely_component_in_cone(mixture: torch.Tensor, means: torch.Tensor, previous: torch.Tensor,
+                                   cos_theta: float) -> torch.Tensor:
+    """``_most_likely_component`` among the components whose mean lies within theta of ``previous`` [N, 3]
+    (all of them in a row where none does)."""
+    inside = F.cosine_similarity(means, previous[:, None, :].to(means.dtype), dim=-1) >= cos_theta  # [N, C]
+    inside |= ~inside.any(dim=1, keepdim=True)
+    return _most_likely_component(mixture.masked_fill(~inside, -math.inf), means)
+
+
 def _mixture_negative_log_likelihood(mixture: torch.Tensor, component_log_density: torch.Tensor) -> torch.Tensor:
     """-log sum_c softmax(mixture)_c p_c(target), per row [N], from logits and log densities [N, C]."""
     return -torch.logsumexp(F.log_softmax(mixture, dim=-1) + component_log_density, dim=-1)
@@ -208,6 +217,12 @@ class DirectionGetter(nn.Module):
         if not self.add_eos:
             return None
         return raw[:, -1] > 0
+
+    def deterministic_in_cone(self, raw: torch.Tensor, previous: torch.Tensor, cos_theta: float) -> torch.Tensor:
+        """The most likely direction [N, 3] within theta of ``previous`` [N, 3] (unit). A head whose
+        distribution has one mode has no other candidate: its mode, which the tracker's angle test stops
+        when it lies outside the cone."""
+        return self.deterministic(raw)
 
     @property
     def n_cone_uniforms(self) -> int:
@@ -369,15 +384,25 @@ class SphereClassificationDirectionGetter(DirectionGetter):
     def sample_from_uniforms(self, raw, u):
         return self.vertices[_sample_categorical(raw[:, :self.nb_vertices], u[:, 0])]
 
+    def deterministic_in_cone(self, raw, previous, cos_theta):
+        """The most likely vertex among those within theta of ``previous`` (dipy's and scilpy's
+        deterministic rule: the fODF's maximum inside the cone). A row with no vertex in the cone takes the
+        overall argmax, so the tracker's angle test stops it."""
+        return self.vertices[torch.argmax(self._logits_in_cone(raw, previous, cos_theta), dim=-1)]
+
+    def _logits_in_cone(self, raw, previous, cos_theta):
+        """The direction logits [N, V] with the vertices outside the cone at -inf (none, in a row with no
+        vertex inside)."""
+        inside = (previous.to(self.vertices.dtype) @ self.vertices.T) >= cos_theta  # [N, V]
+        inside |= ~inside.any(dim=1, keepdim=True)
+        return raw[:, :self.nb_vertices].masked_fill(~inside, -math.inf)
+
     n_cone_uniforms = 1
 
     def sample_in_cone(self, raw, u, previous, cos_theta):
         """Exact: the vertices outside the cone get probability 0, the rest is renormalised, one uniform.
         A row with no vertex in the cone draws from all of them, so the tracker's angle test stops it."""
-        inside = (previous.to(self.vertices.dtype) @ self.vertices.T) >= cos_theta  # [N, V]
-        inside |= ~inside.any(dim=1, keepdim=True)
-        logits = raw[:, :self.nb_vertices].masked_fill(~inside, -math.inf)
-        return self.vertices[_sample_categorical(logits, u[:, 0])]
+        return self.vertices[_sample_categorical(self._logits_in_cone(raw, previous, cos_theta), u[:, 0])]
 
     def eos_probability(self, raw):
         if not self.add_eos:
@@ -520,6 +545,10 @@ class GaussianMixtureDirectionGetter(_GaussianBase):
         mixture, means, _ = self._split(raw)
         return _most_likely_component(mixture, means)
 
+    def deterministic_in_cone(self, raw, previous, cos_theta):
+        mixture, means, _ = self._split(raw)
+        return _most_likely_component_in_cone(mixture, means, previous, cos_theta)
+
     def sample_from_uniforms(self, raw, u):
         mixture, means, log_sigmas = self._split(raw)
         rows = torch.arange(raw.shape[0], device=raw.device)
@@ -608,6 +637,10 @@ class FisherVonMisesMixtureDirectionGetter(DirectionGetter):
     def deterministic(self, raw):
         mixture, means, _ = self._split(raw)
         return _most_likely_component(mixture, means)
+
+    def deterministic_in_cone(self, raw, previous, cos_theta):
+        mixture, means, _ = self._split(raw)
+        return _most_likely_component_in_cone(mixture, means, previous, cos_theta)
 
     def sample_from_uniforms(self, raw, u):
         mixture, means, kappas = self._split(raw)

@@ -24,7 +24,7 @@ from trackflow.files import check_outputs
 from trackflow.models.persistence import load_experiment_model
 from trackflow.models.registry import check_model_family
 from trackflow.data.tractograms import check_tractogram_path, save_tractogram_file
-from trackflow.tracking.decoders import PROB_SAMPLINGS, make_direction_decoder
+from trackflow.tracking.decoders import DET_DIRECTIONS, PROB_SAMPLINGS, make_direction_decoder
 from trackflow.tracking.filtering import FilteredTractogram, filter_streamlines
 from trackflow.tracking.parallel import available_cpus, track_in_processes
 from trackflow.tracking.seeds import SeedGenerator, check_seed_counts, count_seeds
@@ -48,7 +48,9 @@ class TrackingOptions:
     mask_interp: its interpolation; eos_stop: EOS rule, one of ``EOS_STOPS`` ('max': stop where EOS is the
     head's most likely outcome; 'auto': the threshold calibrated on the validation subjects, stored in the
     experiment) or a probability threshold [0.5 with EOS]; prob_sampling: one of ``decoders.PROB_SAMPLINGS``,
-    within the theta cone or from the whole distribution ['cone']; discard_last_point:
+    within the theta cone or from the whole distribution ['cone']; det_direction: one of
+    ``decoders.DET_DIRECTIONS``, the most likely direction within the theta cone or overall ['full'];
+    discard_last_point:
     drop the first point outside the mask; track_forward_only: skip the backward half; npv / nt: seeds per
     seeding voxel [1] / in total; rng_seed [random, logged]; compress_th: compression tolerance [none];
     save_seeds: store seeds per streamline; use_gpu; simultaneous_tracking: slots of the batched tracker;
@@ -69,6 +71,7 @@ class TrackingOptions:
     mask_interp: str = "nearest"
     eos_stop: float | str | None = None
     prob_sampling: str = "cone"
+    det_direction: str = "full"
     discard_last_point: bool = False
     track_forward_only: bool = False
     npv: int | None = None
@@ -102,6 +105,9 @@ class TrackingOptions:
         if self.prob_sampling not in PROB_SAMPLINGS:
             raise TrackflowError(f"--prob_sampling must be one of {', '.join(PROB_SAMPLINGS)}, "
                                  f"got {self.prob_sampling!r}")
+        if self.det_direction not in DET_DIRECTIONS:
+            raise TrackflowError(f"--det_direction must be one of {', '.join(DET_DIRECTIONS)}, "
+                                 f"got {self.det_direction!r}")
         check_seed_counts(self.npv, self.nt)
         if self.compress_th is not None and not self.compress_th > 0:
             raise TrackflowError(f"--compress must be positive, got {self.compress_th}")
@@ -256,7 +262,7 @@ def build_tracker(model, inputs: SubjectInputs, options: TrackingOptions, step_m
                                 discard_last_point=options.discard_last_point,
                                 n_slots=options.simultaneous_tracking or model.default_tracking_slots)
     decoder = make_direction_decoder(options.algo, model.direction_getter, rng_seed, options.prob_sampling,
-                                     options.theta)
+                                     options.theta, options.det_direction)
     return Tracker(model, volume_tensor, criterion, SeedGenerator(inputs.seeding_mask, rng_seed, device), decoder,
                    params)
 
