@@ -1301,6 +1301,18 @@ def _temporaries_beside(path: Path) -> list:
     return sorted(p.name for p in path.parent.glob(f".{path.name}.*tmp*"))
 
 
+def _writer_is_writing(path: Path) -> bool:
+    """A temporary beside ``path`` holds bytes: the writer itself made it (atomic_output's reserved name
+    exists empty for an instant before the writer creates the file, so an empty one proves nothing)."""
+    for name in _temporaries_beside(path):
+        try:
+            if (path.parent / name).stat().st_size > 0:
+                return True
+        except FileNotFoundError:
+            pass
+    return False
+
+
 def check_error_output(err: str, message: str | None) -> None:
     """The error rule of the module docstring."""
     assert "Traceback" not in err, err
@@ -1420,7 +1432,7 @@ def test_signal_filter_sigterm_keeps_old_output(big_tractogram, tmp_path):
     out.write_bytes(b"old tractogram")
     old = snapshot(out)
     p = _filter_process(big_tractogram, out, counts, "-f")
-    assert _wait_for(lambda: _temporaries_beside(out), p), "the writer never started its temporary"
+    assert _wait_for(lambda: _writer_is_writing(out), p), "the writer never started its temporary"
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=60) != 0
     _one_error_line(p)
@@ -1431,7 +1443,7 @@ def test_signal_filter_sigterm_keeps_old_output(big_tractogram, tmp_path):
 def test_signal_filter_sigkill_then_rerun_cleans_temporary(big_tractogram, tmp_path):
     out, counts = tmp_path / "out.trk", tmp_path / "counts.tsv"
     p = _filter_process(big_tractogram, out, counts)
-    assert _wait_for(lambda: _temporaries_beside(out), p), "the writer never started its temporary"
+    assert _wait_for(lambda: _writer_is_writing(out), p), "the writer never started its temporary"
     p.kill()
     p.wait(timeout=60)
     assert not out.exists() and _temporaries_beside(out)  # the killed writer could not clean up
