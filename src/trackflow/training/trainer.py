@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from trackflow.data.hdf5.reader import HDF5Cohort
-from trackflow.device import select_device
+from trackflow.device import keep_freed_host_memory, select_device
 from trackflow.errors import TrackflowError
 from trackflow.experiment import LOG_FILES, TRACKING_MONITOR, ExperimentFolder
 from trackflow.models.base import ModelConfig
@@ -250,6 +250,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
         """Train until ``max_epochs`` or until patience runs out."""
+        keep_freed_host_memory()
         while self.completed_epochs < self.params.max_epochs:
             epoch = self.completed_epochs
             lr = self.params.learning_rate(epoch)
