@@ -7,15 +7,16 @@ import sys
 
 def test_a_tracking_run_does_not_import_vtk(experiment, tmp_path):
     # dipy.io.streamline imports vtk, and dipy.data imports dipy.io.streamline: 1.3 s of every tracking run's
-    # start-up; any dipy.io imports pandas, another 0.4-0.5 s. The whole run counts: the model classes (a
-    # sphere-classification head here) load lazily.
+    # start-up; any dipy.io imports pandas, another 0.4-0.5 s; dipy.core.sphere imports scipy.optimize and
+    # scipy.spatial, 0.2 s. The whole run counts: the model classes (a sphere-classification head here) load
+    # lazily.
     hdf5, folder = experiment
     out = tmp_path / "out.trk"
     code = ("import sys\nfrom trackflow.cli.track import l2t_main\n"
             f"l2t_main([{str(folder)!r}, {SUBJECT!r}, 'input', {str(out)!r}, 'interface_mask', '--hdf5_file', "
             f"{str(hdf5)!r}, '--nt', '5', '--processes', '1'])\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vtk', 'fury', 'pandas')\n"
-            "             or m.startswith('dipy.io')))")
+            "             or m.startswith(('dipy.io', 'dipy.core.sphere', 'scipy.optimize', 'scipy.spatial'))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert out.exists()

@@ -194,7 +194,8 @@ def add_direction_getter_args(parser: argparse.ArgumentParser) -> None:
                        help="Regression heads: rescale output directions to this norm.")
     group.add_argument("--add_eos", action="store_true", help="Learn an end-of-streamline output.")
     group.add_argument("--eos_weight", type=float, default=1.0,
-                       help="Weight of the EOS loss (classification heads: must stay 1). [%(default)s]")
+                       help="Weight of the EOS loss (classification heads: of the rows whose target is EOS, one end "
+                            "per ~70 points; dwi_ml accepts only 1 there). [%(default)s]")
 
 
 def add_l2t_model_args(parser: argparse.ArgumentParser) -> None:

@@ -1,14 +1,15 @@
 """dipy's named spheres, read from dipy's own data files without importing ``dipy.data``.
 
 ``dipy.data`` imports dipy's tractogram I/O and, through it, vtk: about 1.3 s of every tracking run's
-start-up (measured), for a table of vertices. The file names are those of ``dipy.data.SPHERE_FILES``.
+start-up (measured), for a table of vertices; ``dipy.core.sphere`` imports scipy's optimize and spatial
+modules, another 0.2 s, for a normalisation. The file names are those of ``dipy.data.SPHERE_FILES``.
 """
 
 from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
-from dipy.core.sphere import Sphere
+from dipy.core.geometry import cart2sphere, sphere2cart
 
 from trackflow.errors import TrackflowError
 
@@ -29,5 +30,8 @@ def sphere_vertices(name: str) -> np.ndarray:
         raise TrackflowError(f"unknown dipy sphere {name!r}; known: {', '.join(SPHERE_FILES)}.")
     path = Path(find_spec("dipy").submodule_search_locations[0]) / "data" / "files" / SPHERE_FILES[name]
     with np.load(path) as data:
-        # Sphere normalises the stored vertices, as get_sphere does (they differ by up to 7e-8)
-        return Sphere(xyz=np.asarray(data["vertices"], dtype=np.float64)).vertices
+        xyz = np.asarray(data["vertices"], dtype=np.float64)
+    # get_sphere's Sphere(xyz=...) normalises the stored vertices (they differ by up to 7e-8) through polar
+    # angles and back: the same two dipy functions give its vertices bit for bit.
+    _, theta, phi = cart2sphere(*xyz.T)
+    return np.column_stack(sphere2cart(1, theta, phi))
