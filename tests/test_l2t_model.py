@@ -234,7 +234,9 @@ def test_overfits_one_batch(dg_key, add_eos, volume, generator):
     summary = f"cosines {cosines}, losses {losses[0]:.3f} -> {losses[-1]:.3f}"
     if likelihood:
         assert cosines.median() > 0.95, summary
-        assert losses[-1] < losses[0] - 2.0, summary
+        # the median of the last 50 steps: a mixture's NLL spikes when a sigma collapses (3.4 -> 6.8 at the
+        # last step on one machine, -4 around it)
+        assert torch.tensor(losses[-50:]).median().item() < losses[0] - 2.0, summary
     else:
         assert cosines.min() > 0.95, summary
         assert losses[-1] < 0.1 * losses[0], summary

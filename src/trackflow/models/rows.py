@@ -4,17 +4,21 @@ their neighbours (Learn2track tracking; see ``ROW_BLOCK``)."""
 import torch
 
 # Measured with MKL's sgemm and torch's CPU kernels (AVX-512, 1-8 threads), a row's result changes with:
-# - the row count of a product: 1-3 rows, and with several threads a count that is not a multiple of 4;
+# - the row count of a product: under MIN_ROWS rows MKL takes small-matrix kernels that sum in another order
+#   (1-3 rows on one Xeon; up to 10-15 rows, by shape, on a Sapphire Rapids), and with several threads a
+#   count that is not a multiple of 4;
 # - where the row sits in memory: a row not starting on a 64-byte boundary is summed in another order.
-# Tracking therefore computes on row blocks padded to a multiple of ROW_BLOCK, and feeds every matrix
-# product rows aligned to ALIGN_FLOATS: a row's result never depends on the other rows or the slot count.
+# Tracking therefore computes on row blocks of at least MIN_ROWS rows padded to a multiple of ROW_BLOCK, and
+# feeds every matrix product rows aligned to ALIGN_FLOATS: a row's result never depends on the other rows or
+# the slot count.
 ROW_BLOCK = 4
+MIN_ROWS = 16
 ALIGN_FLOATS = 16
 
 
 def padded_row_count(n_rows: int) -> int:
-    """``n_rows`` rounded up to a multiple of ``ROW_BLOCK``."""
-    return -(-n_rows // ROW_BLOCK) * ROW_BLOCK
+    """``n_rows`` rounded up to a multiple of ``ROW_BLOCK``, and to at least ``MIN_ROWS``."""
+    return max(MIN_ROWS, -(-n_rows // ROW_BLOCK) * ROW_BLOCK)
 
 
 def pad_rows_index(n_rows: int, device) -> torch.Tensor:
