@@ -25,7 +25,8 @@ from vs_dwi_ml import baseline_parser, prepare_demo, run_measured
 RECIPE = ["--step_size", "0.5", "--rnn_key", "gru", "--rnn_layer_sizes", "128", "128", "--nb_previous_dirs", "2",
           "--normalize_prev_dirs", "--neighborhood_type", "axes", "--neighborhood_radius", "1",
           "--neighborhood_resolution", "1", "--input_embedding_key", "nn_embedding", "--input_embedded_size", "64",
-          "--dg_key", "sphere-classification", "--add_eos", "--reverse_ratio", "0.5",
+          # EOS weight 1: the only one dwi_ml accepts with a classification head (trackflow's default is 10)
+          "--dg_key", "sphere-classification", "--add_eos", "--eos_weight", "1", "--reverse_ratio", "0.5",
           "--noise_gaussian_size_forward", "0.1", "--batch_size_training", "100", "--learning_rate", "0.001"]
 TOOLS = ("dwi_ml", "trackflow")
 

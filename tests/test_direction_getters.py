@@ -11,7 +11,8 @@ from scipy.spatial.distance import cosine, euclidean
 from scipy.special import log_softmax, logsumexp
 
 from trackflow.errors import TrackflowError
-from trackflow.models.direction_getters import CONE_CANDIDATES, DIRECTION_GETTER_KEYS, make_direction_getter
+from trackflow.models.direction_getters import (CLASSIFICATION_EOS_WEIGHT, CLASSIFICATION_HEADS, CONE_CANDIDATES,
+                                                DIRECTION_GETTER_KEYS, dg_args_from_options, make_direction_getter)
 
 VERTICES = get_sphere(name="symmetric724").vertices.astype(np.float32).astype(np.float64)
 SAMPLING_KEYS = [k for k in DIRECTION_GETTER_KEYS if "regression" not in k]
@@ -505,3 +506,13 @@ def test_deterministic_in_cone_is_the_best_candidate_within_theta(key):
     assert 0 < int(some.sum()) < n and bool((~inside.all(dim=1) & some).any())  # not trivial
     chosen = torch.where(some, mixture.masked_fill(~inside, -math.inf).argmax(dim=1), mixture.argmax(dim=1))
     torch.testing.assert_close(out, means[torch.arange(n), chosen], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("key", DIRECTION_GETTER_KEYS)
+def test_eos_weight_not_given_is_10_for_classification_heads_with_eos_and_1_otherwise(key):
+    def weight(add_eos, eos_weight=None):
+        return dg_args_from_options(key, dropout=0.0, add_eos=add_eos, eos_weight=eos_weight)["eos_weight"]
+    assert CLASSIFICATION_EOS_WEIGHT == 10.0
+    assert weight(True) == (10.0 if key in CLASSIFICATION_HEADS else 1.0)
+    assert weight(False) == 1.0
+    assert weight(True, 1.0) == 1.0 and weight(True, 3.0) == 3.0  # given: kept (1 is what dwi_ml loads)

@@ -338,6 +338,19 @@ def test_eos_stop_auto_uses_the_threshold_stored_beside_the_model(world, tmp_pat
     assert (tmp_path / "auto.trk").read_bytes() != (tmp_path / "half.trk").read_bytes()
 
 
+def test_without_eos_stop_the_calibrated_threshold_is_used_and_0_5_when_there_is_none(world, tmp_path):
+    experiment = shutil.copytree(world["l2t"], tmp_path / "calibrated")
+    ExperimentFolder(experiment).write_eos_calibration(experiment / "best_model", {"threshold": 1e-12})
+    calibrated = {"experiment": "calibrated_l2t", "experiments": {"calibrated_l2t": experiment}}
+    run_l2t(world, tmp_path / "default_calibrated.trk", "--nt", "15", **calibrated)
+    run_l2t(world, tmp_path / "auto.trk", "--nt", "15", "--eos_stop", "auto", **calibrated)
+    run_l2t(world, tmp_path / "default_uncalibrated.trk", "--nt", "15")
+    run_l2t(world, tmp_path / "half.trk", "--nt", "15", "--eos_stop", "0.5")
+    assert (tmp_path / "default_calibrated.trk").read_bytes() == (tmp_path / "auto.trk").read_bytes()
+    assert (tmp_path / "default_uncalibrated.trk").read_bytes() == (tmp_path / "half.trk").read_bytes()
+    assert (tmp_path / "auto.trk").read_bytes() != (tmp_path / "half.trk").read_bytes()
+
+
 def test_eos_stop_max_on_a_head_where_eos_is_never_the_argmax_changes_nothing(world, tmp_path):
     run_l2t(world, tmp_path / "max.trk", "--nt", "15", "--eos_stop", "max")
     run_l2t(world, tmp_path / "half.trk", "--nt", "15", "--eos_stop", "0.5")

@@ -122,6 +122,9 @@ class ExperimentFolder:
         with atomic_output(model_dir / EOS_CALIBRATION_FILE) as tmp:
             tmp.write_text(json.dumps(calibration, indent=4, allow_nan=False))
 
+    def has_eos_calibration(self, use_latest_epoch: bool) -> bool:
+        return (self.model_dir(use_latest_epoch) / EOS_CALIBRATION_FILE).is_file()
+
     def read_eos_threshold(self, use_latest_epoch: bool) -> float:
         """The calibrated EOS threshold of the model ``use_latest_epoch`` selects; an error without one."""
         path = self.model_dir(use_latest_epoch) / EOS_CALIBRATION_FILE

@@ -72,7 +72,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                "head's most likely outcome (classification: the argmax of all classes, EOS "
                                "included; a separate sigmoid EOS output: p(EOS) > 0.5); 'auto': above the "
                                "threshold calibrated on the validation subjects at the end of training (stored "
-                               "in the model folder; an error when there is none). [0.5 when the model has EOS]")
+                               "in the model folder; an error when there is none). [auto when the model folder holds a "
+                               "calibration, else 0.5]")
     tracking.add_argument("--prob_sampling", default=defaults.prob_sampling, choices=PROB_SAMPLINGS,
                           help="--algo prob: 'cone' samples the head's distribution restricted to the directions "
                                "within --theta of the previous step and renormalised (the classical rule; "

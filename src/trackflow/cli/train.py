@@ -193,9 +193,10 @@ def add_direction_getter_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--normalize_outputs", type=float, nargs="?", const=1.0, metavar="norm",
                        help="Regression heads: rescale output directions to this norm.")
     group.add_argument("--add_eos", action="store_true", help="Learn an end-of-streamline output.")
-    group.add_argument("--eos_weight", type=float, default=1.0,
+    group.add_argument("--eos_weight", type=float,
                        help="Weight of the EOS loss (classification heads: of the rows whose target is EOS, one end "
-                            "per ~70 points; dwi_ml accepts only 1 there). [%(default)s]")
+                            "per ~70 points; dwi_ml loads such a model only with 1). [10 for classification heads "
+                            "with --add_eos, else 1]")
 
 
 def add_l2t_model_args(parser: argparse.ArgumentParser) -> None:

@@ -235,16 +235,22 @@ def _read_mask(cohort: HDF5Cohort, subj_id: str, group: str, role: str) -> np.nd
 
 def eos_threshold(options: TrackingOptions, experiment_path, model) -> float | str | None:
     """The tracker's EOS rule: ``--eos_stop`` with 'auto' replaced by the experiment's calibrated threshold
-    (an error when it has none); None (no EOS stop) for a model without EOS."""
+    (an error when it has none); not given: the calibrated threshold when the model has one (dwi_ml's models and
+    those trained without a validation subject do not), else 0.5; None (no EOS stop) for a model without EOS."""
     if not getattr(model.direction_getter, "add_eos", False):
         if options.eos_stop is not None:
             LOGGER.warning("--eos_stop given but the model has no EOS output: ignored")
         return None
-    if options.eos_stop == EOS_AUTO:
-        threshold = ExperimentFolder(experiment_path).read_eos_threshold(options.use_latest_epoch)
-        LOGGER.info("--eos_stop auto: calibrated EOS threshold %.4g", threshold)
+    experiment = ExperimentFolder(experiment_path)
+    if options.eos_stop == EOS_AUTO or (options.eos_stop is None
+                                        and experiment.has_eos_calibration(options.use_latest_epoch)):
+        threshold = experiment.read_eos_threshold(options.use_latest_epoch)
+        LOGGER.info("EOS stop: threshold %.4g, calibrated on the validation subjects", threshold)
         return threshold
-    return 0.5 if options.eos_stop is None else options.eos_stop
+    if options.eos_stop is None:
+        LOGGER.info("EOS stop: threshold 0.5 (the model folder holds no EOS calibration)")
+        return 0.5
+    return options.eos_stop
 
 
 def build_tracker(model, inputs: SubjectInputs, options: TrackingOptions, step_mm: float, rng_seed: int,
