@@ -1,8 +1,10 @@
 """What makes tracking fast without changing a result: a start-up without vtk, the seed range split across
 processes (``--processes``) or jobs (``--seed_range`` + ``trackflow_merge_tractograms``), bit for bit."""
 
+import re
 import subprocess
 import sys
+import time
 
 
 def test_a_tracking_run_does_not_import_vtk(experiment, tmp_path):
@@ -21,6 +23,29 @@ def test_a_tracking_run_does_not_import_vtk(experiment, tmp_path):
     assert done.returncode == 0, done.stderr
     assert out.exists()
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_process_age_counts_from_the_process_start():
+    code = ("import time\ntime.sleep(0.5)\nfrom trackflow.device import seconds_since_process_start\n"
+            "print(seconds_since_process_start())")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    wall = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr
+    age = float(done.stdout.split()[-1])
+    assert 0.5 <= age <= wall + 0.02, (age, wall)  # /proc counts in 10 ms ticks
+
+
+def test_a_tracking_run_logs_its_start_up_and_the_time_of_each_phase(experiment, tmp_path):
+    hdf5, folder = experiment
+    done = subprocess.run([sys.executable, "-c", "from trackflow.cli.track import l2t_main; l2t_main()", str(folder),
+                           SUBJECT, "input", str(tmp_path / "out.trk"), "interface_mask", "--hdf5_file", str(hdf5),
+                           "--nt", "5", "--processes", "1", "-v"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    start_up = re.search(r"start-up: ([0-9.]+) s from the process start", done.stderr)
+    assert start_up and 0.0 < float(start_up.group(1)) < 60, done.stderr
+    assert re.search(r"times: reading the model and the subject [0-9.]+ s, tracking [0-9.]+ s, filtering and "
+                     r"writing [0-9.]+ s", done.stderr), done.stderr
 
 
 _FAULTS_OF_STEPS = """

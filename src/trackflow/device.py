@@ -1,10 +1,12 @@
-"""The torch device behind every ``--use_gpu`` option (training, tracking, loss visualisation), and the host
-memory allocator's settings for CPU runs."""
+"""The torch device behind every ``--use_gpu`` option (training, tracking, loss visualisation), the host
+memory allocator's settings for CPU runs, and the process's age (its start-up time)."""
 
 import ctypes
 import functools
 import logging
+import os
 import platform
+import time
 
 import torch
 
@@ -44,3 +46,16 @@ def keep_freed_host_memory() -> bool:
     libc = ctypes.CDLL(None)
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
                 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def seconds_since_process_start() -> float | None:
+    """How long this process has been running (the interpreter's start-up and imports included), to 10 ms;
+    None where ``/proc`` does not say (not Linux)."""
+    try:
+        with open("/proc/self/stat") as stat:
+            # the fields after the command name, which is in parentheses and may hold spaces
+            fields = stat.read().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime: clock ticks after boot
+        return max(time.clock_gettime(time.CLOCK_BOOTTIME) - started, 0.0)
+    except (OSError, IndexError, ValueError, AttributeError):
+        return None

@@ -6,14 +6,18 @@ dwi_ml's unused option, not ``--rng_seed``); the two that dwi_ml's documentation
 """
 
 import argparse
+import logging
 
 from trackflow.cli.common import (add_ignored_dwi_ml_args, add_overwrite_arg, add_verbose_arg, new_parser,
                                   positive_float, positive_int, probability, run_cli, setup_logging,
                                   warn_ignored_dwi_ml_args)
 from trackflow.data.hdf5.reader import SUBSET_NAMES
+from trackflow.device import seconds_since_process_start
 from trackflow.tracking.decoders import ALGOS, DET_DIRECTIONS, PROB_SAMPLINGS
 from trackflow.tracking.run import EOS_STOPS, TrackingOptions, track_from_experiment
 from trackflow.tracking.stopping import MASK_INTERPOLATIONS
+
+LOGGER = logging.getLogger(__name__)
 
 _POSITIONALS = ("experiment_path", "subj_id", "input_group", "out_tractogram", "seeding_mask_group")
 
@@ -143,6 +147,9 @@ def _track(model_family: str, args: dict):
 def _main(model_family: str, prog: str, description: str, argv):
     args = vars(build_parser(prog, description).parse_args(argv))
     setup_logging(args.pop("verbose"))
+    started = seconds_since_process_start()
+    if started is not None:
+        LOGGER.info("start-up: %.2f s from the process start to the command line read (imports)", started)
     warn_ignored_dwi_ml_args(args)
     run_cli(_track, model_family, args)  # inside run_cli: a rule broken in TrackingOptions is one line
 

@@ -320,6 +320,7 @@ def track_from_experiment(model_family: str, experiment_path, subj_id: str, inpu
     ``model_family`` is ``"l2t"`` or ``"tt"`` (which script asked). Everything is checked before tracking
     starts. Returns the run's summary (also printed on stderr).
     """
+    reading_started = time.perf_counter()
     check_tractogram_path(out_tractogram, options.save_seeds)
     hdf5_path = _hdf5_path(experiment_path, options.hdf5_file)
     check_outputs([out_tractogram], options.overwrite, inputs=[hdf5_path])
@@ -353,6 +354,8 @@ def track_from_experiment(model_family: str, experiment_path, subj_id: str, inpu
     seconds = time.perf_counter() - started
 
     kept = write_tractogram(result, out_tractogram, inputs, options)
+    LOGGER.info("times: reading the model and the subject %.2f s, tracking %.2f s, filtering and writing %.2f s",
+                started - reading_started, seconds, time.perf_counter() - started - seconds)
     summary = summarize(result, kept, end - start, seconds)
     print(summary.line(), file=sys.stderr)
     return summary
