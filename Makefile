@@ -21,6 +21,7 @@ demo: install
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not slurm" tests
 
-# Heavier runs (CI runs them after `make test`): the killed-run test and a real single-node SLURM cluster.
+# Heavier runs (CI runs them after `make test`): the killed-run tests, the demo rerun-after-config-edit test, the
+# report in Chromium, MRtrix3 baselines and a real single-node SLURM cluster.
 test-heavy: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "slow or slurm" tests

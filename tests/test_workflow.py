@@ -503,6 +503,7 @@ def edit_and_rerun(workdir, env, edit):
     return planned, sorted(c["cli"] for c in read_calls(env))
 
 
+@pytest.mark.slow  # 2-2.5 min on 2 cores: the default run stays under ~10 min; CI runs it in make test-heavy
 def test_demo_runs_to_completion_and_config_edits_rerun_exactly_what_they_affect(tmp_path):
     env = write_standins(tmp_path / "bin")
     workdir = tmp_path / "run"
