@@ -12,7 +12,7 @@ def test_a_tracking_run_does_not_import_vtk(experiment, tmp_path):
     # start-up; any dipy.io imports pandas, another 0.4-0.5 s; dipy.core.sphere imports scipy.optimize and
     # scipy.spatial, 0.2 s. The whole run counts: the model classes (a sphere-classification head here) load
     # lazily.
-    hdf5, folder = experiment
+    hdf5, folder, _ = experiment
     out = tmp_path / "out.trk"
     code = ("import sys\nfrom trackflow.cli.track import l2t_main\n"
             f"l2t_main([{str(folder)!r}, {SUBJECT!r}, 'input', {str(out)!r}, 'interface_mask', '--hdf5_file', "
@@ -37,7 +37,7 @@ def test_the_process_age_counts_from_the_process_start():
 
 
 def test_a_tracking_run_logs_its_start_up_and_the_time_of_each_phase(experiment, tmp_path):
-    hdf5, folder = experiment
+    hdf5, folder, _ = experiment
     done = subprocess.run([sys.executable, "-c", "from trackflow.cli.track import l2t_main; l2t_main()", str(folder),
                            SUBJECT, "input", str(tmp_path / "out.trk"), "interface_mask", "--hdf5_file", str(hdf5),
                            "--nt", "5", "--processes", "1", "-v"], capture_output=True, text=True, timeout=300)
@@ -134,34 +134,43 @@ import pytest
 import trx.trx_file_memmap as tmm
 
 from trackflow.cli.merge_tractograms import main as merge_main
-from trackflow.cli.track import l2t_main
+from trackflow.cli.track import l2t_main, tt_main
 from trackflow.data.tractograms import save_tractogram_file
 from trackflow.errors import TrackflowError
 from trackflow.geometry.spheres import SPHERE_FILES, sphere_vertices
-from test_tracking_cli import SUBJECT, l2t_model  # noqa: E402  (tests/ is on sys.path)
+from test_tracking_cli import SUBJECT, l2t_model, tto_model  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N_SEEDS = 40
 
 
 @pytest.fixture(scope="module")
-def experiment(tiny_hdf5, make_experiment, tmp_path_factory):
+def experiments(tiny_hdf5, make_experiment, tmp_path_factory):
     from trackflow.data.hdf5.reader import HDF5Cohort
     with HDF5Cohort(tiny_hdf5) as cohort:
         nb_features = cohort.volume_groups()["input"]
-    return tiny_hdf5, make_experiment(tmp_path_factory.mktemp("speed") / "l2t", l2t_model(nb_features))
+    root = tmp_path_factory.mktemp("speed")
+    return {"l2t": (tiny_hdf5, make_experiment(root / "l2t", l2t_model(nb_features)), l2t_main),
+            "tto": (tiny_hdf5, make_experiment(root / "tto", tto_model(nb_features)), tt_main)}
+
+
+@pytest.fixture
+def experiment(experiments):
+    return experiments["l2t"]
 
 
 def track(experiment, out, *extra):
-    hdf5, folder = experiment
-    l2t_main([str(folder), SUBJECT, "input", str(out), "interface_mask", "--hdf5_file", str(hdf5),
+    hdf5, folder, main = experiment
+    main([str(folder), SUBJECT, "input", str(out), "interface_mask", "--hdf5_file", str(hdf5),
               "--tracking_mask_group", "wm_mask", "--min_length", "3", "--rng_seed", "4", "--max_length", "40",
               "--nt", str(N_SEEDS), "-f", *extra])
     return out
 
 
 @pytest.mark.parametrize("algo", ["det", "prob"])
-def test_any_number_of_processes_gives_the_same_tractogram(experiment, tmp_path, algo):
+@pytest.mark.parametrize("kind", ["l2t", "tto"])
+def test_any_number_of_processes_gives_the_same_tractogram(experiments, tmp_path, kind, algo):
+    experiment = experiments[kind]
     outputs = [track(experiment, tmp_path / f"{n}.trk", "--algo", algo, "--save_seeds", "--processes", str(n))
                for n in (1, 2, 3)]
     one = nib.streamlines.load(str(outputs[0])).streamlines
@@ -170,8 +179,10 @@ def test_any_number_of_processes_gives_the_same_tractogram(experiment, tmp_path,
         assert other.read_bytes() == outputs[0].read_bytes()
 
 
-@pytest.mark.parametrize("algo, ext", [("det", ".trk"), ("prob", ".trk"), ("det", ".tck"), ("prob", ".trx")])
-def test_merged_seed_range_chunks_equal_the_whole_run(experiment, tmp_path, algo, ext):
+@pytest.mark.parametrize("kind, algo, ext", [("l2t", "det", ".trk"), ("l2t", "prob", ".trk"), ("l2t", "det", ".tck"),
+                                             ("l2t", "prob", ".trx"), ("tto", "det", ".trk"), ("tto", "prob", ".trk")])
+def test_merged_seed_range_chunks_equal_the_whole_run(experiments, tmp_path, kind, algo, ext):
+    experiment = experiments[kind]
     seeds = ["--save_seeds"] if ext != ".tck" else []
     whole = track(experiment, tmp_path / f"whole{ext}", "--algo", algo, "--processes", "1", *seeds)
     bounds = [0, 13, 27, N_SEEDS]

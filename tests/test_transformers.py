@@ -411,7 +411,7 @@ def attended_widths(state):
     """Cache positions each slot attended over at the last tracking step (the in-place group first)."""
     widths = {}
     for slots, longest, in_place in state.plan:
-        width = min(longest + state.steps_since_plan - 1, state.max_points)
+        width = min(max(longest + state.steps_since_plan - 1, state.min_keys), state.capacity)
         widths.update(dict.fromkeys(range(state.n_slots) if in_place else slots.tolist(), width))
     return widths
 
@@ -423,15 +423,15 @@ def test_few_rows_among_many_slots_equal_the_whole_sequence_forward(name):
     model = build(name, max_len=256)
     generator = torch.Generator().manual_seed(7)
     volume = random_volume(generator)
-    long_line, short_line, replacement = random_walks(generator, [61, 21, 30])
+    long_line, short_line, replacement = random_walks(generator, [101, 21, 30])
     expected_long, expected_short, expected_replacement = whole_sequence_outputs(
         model, volume, [long_line, short_line, replacement])
-    state = model.new_tracking_state(volume, n_slots=40, max_points=100)
+    state = model.new_tracking_state(volume, n_slots=40, max_points=150)
     worst, widths = 0.0, []
     with torch.no_grad():
         model.reset_tracking_rows(state, torch.tensor([33, 7]), padded([long_line, short_line], [1, 1]),
                                   torch.tensor([1, 1]))
-        for step in range(60):
+        for step in range(100):
             lines, slots, outputs = [long_line], [33], [expected_long]
             if step < 20:
                 lines, slots, outputs = lines + [short_line], slots + [7], outputs + [expected_short]
@@ -441,7 +441,7 @@ def test_few_rows_among_many_slots_equal_the_whole_sequence_forward(name):
             widths.append(attended_widths(state)[33])
             reference = torch.stack([out[step] for out in outputs])
             worst = max(worst, float((raw[:len(slots)] - reference).abs().max()))
-        # slot 33 starts a new streamline: the bound must not stay at the old line's 60 points
+        # slot 33 starts a new streamline: the bound must not stay at the old line's 100 points
         model.reset_tracking_rows(state, torch.tensor([33]), padded([replacement], [1]), torch.tensor([1]))
         for step in range(29):
             lengths = torch.tensor([step + 1])
@@ -449,22 +449,24 @@ def test_few_rows_among_many_slots_equal_the_whole_sequence_forward(name):
             widths.append(attended_widths(state)[33])
             worst = max(worst, float((raw[0] - expected_replacement[step]).abs().max()))
     assert worst <= 1e-5
-    assert all(step + 1 <= width <= step + transformers.REPLAN_EVERY for step, width in enumerate(widths[:60]))
-    assert widths[-1] <= 29 + transformers.REPLAN_EVERY  # the 60-point prefix is forgotten
+    least = state.min_keys
+    assert all(max(step + 1, least) <= width <= max(step + transformers.REPLAN_EVERY, least)
+               for step, width in enumerate(widths[:100]))
+    assert widths[99] >= 100 and widths[-1] == least  # the 100-point prefix is forgotten
 
 
 def test_key_groups_cover_every_row_once_and_follow_the_rows_lengths():
-    lengths = np.array([300] + [10] * 500 + [40] * 30 + [3])
-    plan = plan_key_groups(lengths, n_slots=600)
+    lengths = np.array([300] + [40] * 500 + [100] * 30 + [3])
+    plan = plan_key_groups(lengths, n_slots=600, min_keys=32)
     members = np.concatenate([index for index, _, _ in plan])
     assert sorted(members.tolist()) == list(range(len(lengths)))
     width = {int(b): longest for index, longest, _ in plan for b in index}
     assert all(width[b] >= lengths[b] for b in width)
-    assert max(width[b] for b in range(1, 501)) <= 16  # the short rows do not attend over 300 positions
+    assert max(width[b] for b in range(1, 501)) <= 40  # the short rows do not attend over 300 positions
     assert width[0] == 300
     assert [in_place for *_, in_place in plan] == [True, False, False]  # many short rows: no copy
     # few rows among many slots (the tracker's tail): every group gathers its keys
-    assert not any(in_place for *_, in_place in plan_key_groups(np.array([5, 200]), n_slots=600))
+    assert not any(in_place for *_, in_place in plan_key_groups(np.array([5, 200]), n_slots=600, min_keys=32))
 
 
 @pytest.mark.parametrize("name", ["TTO", "TTS"])
@@ -493,4 +495,4 @@ def test_rows_of_very_different_lengths_in_one_step_equal_the_whole_sequence_for
             lengths = lengths + 1
     assert worst <= 1e-5
     assert len({in_place for *_, in_place in state.plan}) == 2
-    assert widths[0][0] < 40 and widths[0][14] >= 150  # a 1-point row does not attend over the longest width
+    assert widths[0][0] == state.min_keys and widths[0][14] >= 150  # a 1-point row does not attend over the longest width

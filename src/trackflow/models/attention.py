@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trackflow.models.rows import aligned_tokens
+
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}  # gelu: exact (erf), as torch's layers
 
 
@@ -54,10 +56,21 @@ def attention_mask(query_positions: torch.Tensor, n_keys: int, lengths: torch.Te
 # many in-place positions.
 GATHER_COST = 3
 GROUP_COST = 4096
-MIN_GROUP_KEYS = 8  # lengths are bucketed by powers of two from here
+# A decoding group attends over at least KEY_ELEMENTS / head size positions (at least 16). Below about 400 /
+# head size positions MKL's batched products of a decoding step take small-matrix kernels that sum in another
+# order (measured on a Sapphire Rapids Xeon, head sizes 2-12: from 200, 100, 67, 50 and <40 positions), so a
+# row's result would change with the width of its group, i.e. with the other rows in flight; from there every
+# width gives the same bits (tests/test_rows.py checks it on the machine it runs on). Those small kernels are
+# no faster per position either (head size 8: 1,000 slots x 4 heads at 48 positions took longer than at 52).
+KEY_ELEMENTS = 512
 
 
-def plan_key_groups(lengths: np.ndarray, n_slots: int) -> list[tuple[np.ndarray, int, bool]]:
+def min_group_keys(head_size: int) -> int:
+    """Fewest positions a decoding key group attends over, for heads of ``head_size`` (see KEY_ELEMENTS)."""
+    return max(16, -(-KEY_ELEMENTS // head_size))
+
+
+def plan_key_groups(lengths: np.ndarray, n_slots: int, min_keys: int) -> list[tuple[np.ndarray, int, bool]]:
     """Split the rows of a decoding call so that each attends over about its own length, not the longest's.
 
     Rows are bucketed by powers of two of their length; neighbouring buckets are merged when a separate
@@ -68,12 +81,13 @@ def plan_key_groups(lengths: np.ndarray, n_slots: int) -> list[tuple[np.ndarray,
     ----------
     lengths : int array [B], cache positions each row attends over now.
     n_slots : int, slots of the caches (the width of an in-place group).
+    min_keys : int, the smallest bucket (``min_group_keys``).
 
     Returns
     -------
     list of (row indices [n] into the call, longest length among them, in place), shortest first.
     """
-    buckets = np.maximum(MIN_GROUP_KEYS, 2 ** np.ceil(np.log2(np.maximum(lengths, 1)))).astype(np.int64)
+    buckets = np.maximum(min_keys, 2 ** np.ceil(np.log2(np.maximum(lengths, 1)))).astype(np.int64)
     groups = []  # [row indices, longest]
     for bucket in np.unique(buckets):
         rows = np.flatnonzero(buckets == bucket)
@@ -221,10 +235,11 @@ class MultiheadAttention(nn.Module):
         batch, n_tokens, width = x.shape
         return x.view(batch, n_tokens, self.nheads, width // self.nheads).transpose(1, 2)  # [B, H, T, D/H]
 
-    def _merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+    def _merge_heads(self, out: torch.Tensor, tracking: bool) -> torch.Tensor:
         """Heads [B, H, T, D/H] -> output projection [B, T, D]."""
         batch, _, n_tokens, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(batch, n_tokens, -1))
+        merged = out.transpose(1, 2).reshape(batch, n_tokens, -1)
+        return self.out_proj(aligned_tokens(merged) if tracking else merged)
 
     def _attend(self, queries, keys, values, mask, cache: KVCache | None, write: CacheWrite | None
                 ) -> torch.Tensor:
@@ -236,11 +251,11 @@ class MultiheadAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if write is not None and write.positions is not None:
             cache.store_tokens(write, keys, values)
-            return self._merge_heads(self._attend_cached(queries, cache, write, dropout))
+            return self._merge_heads(self._attend_cached(queries, cache, write, dropout), True)
         if cache is not None:
             cache.store_prefixes(write.rows, keys, values)
         return self._merge_heads(F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
-                                                                dropout_p=dropout))
+                                                                dropout_p=dropout), cache is not None)
 
     def _attend_cached(self, queries, cache: KVCache, write: CacheWrite, dropout: float) -> torch.Tensor:
         """Decoding: queries [B, H, 1, D/H] over each row's cached positions -> [B, H, 1, D/H].
@@ -286,7 +301,12 @@ class MultiheadAttention(nn.Module):
 
     def self_attention(self, x: torch.Tensor, mask: torch.Tensor | None,
                        cache: KVCache | None = None, write: CacheWrite | None = None) -> torch.Tensor:
-        """x [B, T, D], mask [B, 1, T, keys] (None when decoding) -> [B, T, D]; one fused q/k/v projection."""
+        """x [B, T, D], mask [B, 1, T, keys] (None when decoding) -> [B, T, D]; one fused q/k/v projection.
+
+        Tracking (a cache): the products get rows aligned as ``models.rows`` says, so that a row's result
+        does not depend on the other rows."""
+        if cache is not None:
+            x = aligned_tokens(x)
         queries, keys, values = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         queries, keys, values = map(self._split_heads, (queries, keys, values))
         return self._attend(queries, keys, values, mask, cache, write)
@@ -295,6 +315,8 @@ class MultiheadAttention(nn.Module):
                         cache: KVCache | None = None, write: CacheWrite | None = None) -> torch.Tensor:
         """Queries from x [B, T, D], keys/values from memory [B, T, D] -> [B, T, D]."""
         width = x.shape[-1]
+        if cache is not None:
+            x, memory = aligned_tokens(x), aligned_tokens(memory)
         queries = F.linear(x, self.in_proj_weight[:width], self.in_proj_bias[:width])
         keys, values = F.linear(memory, self.in_proj_weight[width:], self.in_proj_bias[width:]).chunk(2, -1)
         queries, keys, values = map(self._split_heads, (queries, keys, values))
@@ -314,8 +336,10 @@ class _TransformerLayer(nn.Module):
         self.activation = ACTIVATIONS[activation]
         self.norm_first = norm_first
 
-    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+    def _feed_forward(self, x: torch.Tensor, tracking: bool) -> torch.Tensor:
+        """Tracking: product rows aligned (see ``models.rows``)."""
+        align = aligned_tokens if tracking else (lambda t: t)
+        return self.linear2(align(self.dropout(self.activation(self.linear1(align(x))))))
 
     def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, block) -> torch.Tensor:
         """Post-norm LN(x + block(x)), or pre-norm x + block(LN(x))."""
@@ -340,7 +364,7 @@ class EncoderLayer(_TransformerLayer):
         """x [B, T, D], mask [B, 1, T, keys] -> [B, T, D]."""
         x = self._residual(x, self.norm1, lambda h: self.dropout1(
             self.self_attn.self_attention(h, mask, cache, write)))
-        return self._residual(x, self.norm2, lambda h: self.dropout2(self._feed_forward(h)))
+        return self._residual(x, self.norm2, lambda h: self.dropout2(self._feed_forward(h, cache is not None)))
 
 
 class DecoderLayer(_TransformerLayer):
@@ -369,7 +393,7 @@ class DecoderLayer(_TransformerLayer):
             self.self_attn.self_attention(h, mask, self_cache, write)))
         x = self._residual(x, self.norm2, lambda h: self.dropout2(
             self.multihead_attn.cross_attention(h, memory, mask, cross_cache, write)))
-        return self._residual(x, self.norm3, lambda h: self.dropout3(self._feed_forward(h)))
+        return self._residual(x, self.norm3, lambda h: self.dropout3(self._feed_forward(h, caches is not None)))
 
 
 class Encoder(nn.Module):

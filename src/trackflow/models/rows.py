@@ -16,15 +16,16 @@ MIN_ROWS = 16
 ALIGN_FLOATS = 16
 
 
-def padded_row_count(n_rows: int) -> int:
-    """``n_rows`` rounded up to a multiple of ``ROW_BLOCK``, and to at least ``MIN_ROWS``."""
-    return max(MIN_ROWS, -(-n_rows // ROW_BLOCK) * ROW_BLOCK)
+def padded_row_count(n_rows: int, min_rows: int = MIN_ROWS) -> int:
+    """``n_rows`` rounded up to a multiple of ``ROW_BLOCK``, and to at least ``min_rows``."""
+    return max(min_rows, -(-n_rows // ROW_BLOCK) * ROW_BLOCK)
 
 
-def pad_rows_index(n_rows: int, device) -> torch.Tensor:
-    """Indices [0, n_rows) followed by zeros up to ``padded_row_count(n_rows)``: index_select with it
-    repeats row 0 as padding (any content would do; rows never mix)."""
-    index = torch.zeros(padded_row_count(n_rows), dtype=torch.long, device=device)
+def pad_rows_index(n_rows: int, device, min_rows: int = MIN_ROWS) -> torch.Tensor:
+    """Indices [0, n_rows) followed by zeros up to ``padded_row_count(n_rows, min_rows)``: index_select with
+    it repeats row 0 as padding (any content would do; rows never mix). ``min_rows`` below MIN_ROWS suits
+    callers whose products get MIN_ROWS rows or more anyway (several tokens per row)."""
+    index = torch.zeros(padded_row_count(n_rows, min_rows), dtype=torch.long, device=device)
     index[:n_rows] = torch.arange(n_rows, device=device)
     return index
 
@@ -42,3 +43,8 @@ def aligned_rows(x: torch.Tensor) -> torch.Tensor:
     width = -(-x.shape[1] // ALIGN_FLOATS) * ALIGN_FLOATS
     out = x.new_empty(x.shape[0], width)[:, :x.shape[1]]
     return out.copy_(x)
+
+
+def aligned_tokens(x: torch.Tensor) -> torch.Tensor:
+    """:func:`aligned_rows` for x [..., K]: every last-dimension row on a 64-byte boundary, same shape."""
+    return aligned_rows(x.reshape(-1, x.shape[-1])).unflatten(0, x.shape[:-1])

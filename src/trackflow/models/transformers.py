@@ -27,8 +27,9 @@ from torch.nn.utils.rnn import pad_sequence
 from trackflow.errors import TrackflowError
 from trackflow.geometry.spheres import sphere_vertices
 from trackflow.models.attention import (ACTIVATIONS, CacheWrite, Encoder, EncoderDecoder, KeyGroup, KVCache,
-                                        attention_mask, plan_key_groups)
+                                        attention_mask, min_group_keys, plan_key_groups)
 from trackflow.models.base import MainModel, ModelConfig
+from trackflow.models.rows import MIN_ROWS, aligned_rows, aligned_tokens, pad_rows_index
 from trackflow.models.embeddings import make_embedding
 
 SOS_SPHERES = ("symmetric362", "symmetric642", "symmetric724", "repulsion724", "repulsion100",
@@ -126,6 +127,7 @@ class TransformerTrackingState:
     max_points: int
     caches: list
     consumed: torch.Tensor
+    min_keys: int  # fewest positions a key group attends over (``attention.min_group_keys``)
     plan: list | None = None
     planned_rows: int = 0
     steps_since_plan: int = 0
@@ -154,13 +156,15 @@ class TransformerTrackingState:
             slots = rows.unique()
             lengths = self.consumed[slots].cpu().numpy()
             self.plan = [(slots[torch.as_tensor(index, device=rows.device)], longest, in_place)
-                         for index, longest, in_place in plan_key_groups(lengths, self.n_slots)]
+                         for index, longest, in_place in plan_key_groups(lengths, self.n_slots, self.min_keys)]
             self.planned_rows, self.steps_since_plan = len(rows), 0
             # Until the next plan a row writes at most REPLAN_EVERY - 1 positions past the longest now.
-            self.reserve(int(lengths.max()) + REPLAN_EVERY)
+            self.reserve(max(self.min_keys, int(lengths.max()) + REPLAN_EVERY))
         widening = self.steps_since_plan
         self.steps_since_plan += 1
-        return [KeyGroup(slots, min(longest + widening, self.capacity), in_place,
+        # At least min_keys positions (or all the caches hold, when max_points is smaller): a row's result
+        # does not depend on the width of its group then (see ``attention.KEY_ELEMENTS``).
+        return [KeyGroup(slots, min(max(longest + widening, self.min_keys), self.capacity), in_place,
                          self.consumed if in_place else self.consumed[slots])
                 for slots, longest, in_place in self.plan]
 
@@ -335,10 +339,11 @@ class _TractoTransformer(MainModel):
         start small and grow with the streamlines (``TransformerTrackingState.reserve``) up to max_points."""
         self._check_length(max_points)
         dtype = self.position_encoding_layer.pos_emb.dtype
-        positions = min(max_points, INITIAL_CACHE_POSITIONS)
+        min_keys = min_group_keys(self.d_model // self.nheads)
+        positions = min(max_points, max(INITIAL_CACHE_POSITIONS, min_keys))
         return TransformerTrackingState(volume, max_points,
                                         self._new_caches(n_slots, positions, volume.device, dtype),
-                                        torch.zeros(n_slots, dtype=torch.long, device=volume.device))
+                                        torch.zeros(n_slots, dtype=torch.long, device=volume.device), min_keys)
 
     @property
     def tracking_window(self) -> int:
@@ -360,25 +365,32 @@ class _TractoTransformer(MainModel):
             raise TrackflowError(f"streamlines padded to {points.shape[1]} points exceed the tracking "
                                  f"state's max_points ({state.max_points}).")
         state.consumed[rows] = lengths
+        groups = state.key_groups(rows)
+        # The whole step on a padded row block with aligned product rows (``models.rows``): a row's result
+        # does not depend on the other rows. The padding repeats row 0, which writes the same keys again.
+        n_rows = len(rows)
+        pad = pad_rows_index(n_rows, rows.device)
+        rows, points, lengths = rows[pad], points[pad], lengths[pad]
         last = lengths - 1
         in_window = lengths.clamp(max=points.shape[1])  # the real points of ``points``
         batch = torch.arange(len(rows), device=rows.device)
         last_points = points[batch, in_window - 1]  # [B, 3]
-        sources = self.compute_inputs(state.volume, last_points)[:, None]  # [B, 1, Fin]
+        sources = aligned_rows(self.compute_inputs(state.volume, last_points))[:, None]  # [B, 1, Fin]
         targets = None
         if self.uses_target_tokens:
             arriving = last_points - points[batch, (in_window - 2).clamp(min=0)]
-            targets = self._encode_directions(arriving, last == 0)[:, None]  # [B, 1, Tin]
-        write = CacheWrite(rows, last, state.key_groups(rows))
+            targets = aligned_rows(self._encode_directions(arriving, last == 0))[:, None]  # [B, 1, Tin]
+        write = CacheWrite(rows, last, groups)
         hidden = self._hidden_states(sources, targets, last[:, None], None, state.caches, write)
-        return self.direction_getter(hidden[:, 0])
+        return self.direction_getter(aligned_rows(hidden[:, 0]))[:n_rows]
 
     def reset_tracking_rows(self, state: TransformerTrackingState, rows: torch.Tensor, points: torch.Tensor,
                             lengths: torch.Tensor) -> None:
         """Ragged prefill: fill the rows' caches with points[b, :lengths[b]-1] (nothing for lengths == 1).
 
         Positions beyond a row's prefix keep stale values; they are masked by length until overwritten.
-        Rows are prefilled by power-of-two buckets of their prefix length, each padded to its own longest.
+        Rows are prefilled by power-of-two buckets of their prefix length (from MIN_ROWS points), each padded
+        to its bucket's width whatever the rows in it: a row's prefill does not depend on the other rows.
         """
         prefix_lengths = lengths - 1
         state.consumed[rows] = prefix_lengths
@@ -387,24 +399,29 @@ class _TractoTransformer(MainModel):
         rows, points, prefix_lengths = rows[has_prefix], points[has_prefix], prefix_lengths[has_prefix]
         if len(rows) == 0:
             return
-        buckets = torch.log2(prefix_lengths.to(torch.float64)).ceil()
+        buckets = torch.log2(prefix_lengths.to(torch.float64)).ceil().clamp(min=math.log2(MIN_ROWS))
         for bucket in buckets.unique().tolist():
             members = (buckets == bucket).nonzero().squeeze(1)
-            self._prefill(state, rows[members], points[members], prefix_lengths[members])
+            self._prefill(state, rows[members], points[members], prefix_lengths[members],
+                          min(2 ** int(bucket), state.max_points))
 
     def _prefill(self, state: TransformerTrackingState, rows: torch.Tensor, points: torch.Tensor,
-                 prefix_lengths: torch.Tensor) -> None:
-        """Caches of rows [B] from their first prefix_lengths [B] (>= 1) points [B, >= T, 3]."""
-        n_points = int(prefix_lengths.max())
+                 prefix_lengths: torch.Tensor, n_points: int) -> None:
+        """Caches of rows [B] from their first prefix_lengths [B] (1 .. n_points) points [B, >= 1, 3].
+
+        The products get n_points tokens per row, a multiple of ROW_BLOCK rows and aligned rows."""
         state.reserve(n_points)
-        points = points[:, :n_points]
+        pad = pad_rows_index(len(rows), rows.device, min_rows=1)
+        rows, points, prefix_lengths = rows[pad], points[pad, :n_points], prefix_lengths[pad]
+        points = nn.functional.pad(points, (0, 0, 0, n_points - points.shape[1]))
         positions = torch.arange(n_points, device=rows.device)[None]  # [1, T]
         is_real = positions < prefix_lengths[:, None]  # [B, T]
         # Inputs only at real points (padding may be NaN); zeros elsewhere keep the caches finite.
         sources = points.new_zeros(*is_real.shape, self.input_size)  # [B, T, Fin]
         sources[is_real] = self.compute_inputs(state.volume, points[is_real])
-        targets = self._sequence_target_tokens(points, prefix_lengths) if self.uses_target_tokens else None
-        self._hidden_states(sources, targets, positions, attention_mask(positions, n_points, prefix_lengths),
+        targets = (aligned_tokens(self._sequence_target_tokens(points, prefix_lengths))
+                   if self.uses_target_tokens else None)
+        self._hidden_states(aligned_tokens(sources), targets, positions, attention_mask(positions, n_points, prefix_lengths),
                             state.caches, CacheWrite(rows))
 
 
