@@ -122,12 +122,16 @@ class ExperimentFolder:
         with atomic_output(model_dir / EOS_CALIBRATION_FILE) as tmp:
             tmp.write_text(json.dumps(calibration, indent=4, allow_nan=False))
 
+    def eos_calibration_file(self, use_latest_epoch: bool) -> Path:
+        """Where the calibration of the model ``use_latest_epoch`` selects is (or would be)."""
+        return self.model_dir(use_latest_epoch) / EOS_CALIBRATION_FILE
+
     def has_eos_calibration(self, use_latest_epoch: bool) -> bool:
-        return (self.model_dir(use_latest_epoch) / EOS_CALIBRATION_FILE).is_file()
+        return self.eos_calibration_file(use_latest_epoch).is_file()
 
     def read_eos_threshold(self, use_latest_epoch: bool) -> float:
         """The calibrated EOS threshold of the model ``use_latest_epoch`` selects; an error without one."""
-        path = self.model_dir(use_latest_epoch) / EOS_CALIBRATION_FILE
+        path = self.eos_calibration_file(use_latest_epoch)
         if not path.is_file():
             raise TrackflowError(f"--eos_stop auto: {path} does not exist (the model was not calibrated: it has no "
                                  "EOS output, no validation subject, or was trained before calibration existed)")
