@@ -495,4 +495,5 @@ def test_rows_of_very_different_lengths_in_one_step_equal_the_whole_sequence_for
             lengths = lengths + 1
     assert worst <= 1e-5
     assert len({in_place for *_, in_place in state.plan}) == 2
-    assert widths[0][0] == state.min_keys and widths[0][14] >= 150  # a 1-point row does not attend over the longest width
+    # a 1-point row does not attend over the longest width
+    assert widths[0][0] == state.min_keys and widths[0][14] >= 150

@@ -409,7 +409,8 @@ class _TractoTransformer(MainModel):
                  prefix_lengths: torch.Tensor, n_points: int) -> None:
         """Caches of rows [B] from their first prefix_lengths [B] (1 .. n_points) points [B, >= 1, 3].
 
-        The products get n_points tokens per row, a multiple of ROW_BLOCK rows and aligned rows."""
+        The products get n_points tokens per row (at least MIN_ROWS, see ``reset_tracking_rows``, so that even
+        one row makes a product of MIN_ROWS rows), a multiple of ROW_BLOCK rows and aligned rows."""
         state.reserve(n_points)
         pad = pad_rows_index(len(rows), rows.device, min_rows=1)
         rows, points, prefix_lengths = rows[pad], points[pad, :n_points], prefix_lengths[pad]
@@ -421,8 +422,8 @@ class _TractoTransformer(MainModel):
         sources[is_real] = self.compute_inputs(state.volume, points[is_real])
         targets = (aligned_tokens(self._sequence_target_tokens(points, prefix_lengths))
                    if self.uses_target_tokens else None)
-        self._hidden_states(aligned_tokens(sources), targets, positions, attention_mask(positions, n_points, prefix_lengths),
-                            state.caches, CacheWrite(rows))
+        self._hidden_states(aligned_tokens(sources), targets, positions,
+                            attention_mask(positions, n_points, prefix_lengths), state.caches, CacheWrite(rows))
 
 
 class TransformerSrcOnlyModel(_TractoTransformer):
