@@ -19,8 +19,9 @@ subjects, and one table per tracked subject (every testing subject, whose geomet
 first training subject for reference) plus the mean over the testing subjects (VB: the worst subject).
 
 Prints one table (rows: trackers; columns: streamlines kept, VB/bundles, IB, VS %, IS %, NC %, OL, OR, F1,
-tracking wall time, seeds per second) and writes it to ``<out>/quality.tsv`` and, with the per-bundle
-metrics and the settings, ``<out>/quality.json``. Times are those of whole commands, start-up included
+tracking wall time, seeds per second), then per tracked subject each tracker's F1 and OL per bundle (mean over
+the training seeds), and writes the table to ``<out>/quality.tsv`` and, with the per-bundle metrics and the
+settings, ``<out>/quality.json``. Times are those of whole commands, start-up included
 (imports, model and data loading: 2-3 s for scilpy, 3-8 s for the learned trackers on 2 CPU cores), all on
 one CPU thread (scilpy's tracking is single-threaded); each learned tracker's own rate is in its log under
 ``<out>/tractograms/``.
@@ -352,6 +353,20 @@ def table_row(name: str, runs: list[dict], n_seeds: int) -> dict:
             "tracking_s": round(seconds, 1), "seeds_per_s": round(n_seeds / seconds, 1)}
 
 
+def bundle_table(runs_by_tracker: dict) -> pd.DataFrame:
+    """Per-bundle F1 (and OL) of every tracker, mean over its runs (training seeds, or subjects): which bundle
+    a tracker loses, where the overall means only say how much."""
+    rows = []
+    for name, runs in runs_by_tracker.items():
+        row = {"tracker": name}
+        for bundle in runs[0]["bundles"]:
+            f1 = np.mean([run["bundles"][bundle]["F1"] for run in runs])
+            overlap = np.mean([run["bundles"][bundle]["OL"] for run in runs])
+            row[bundle] = f"{f1:.2f} ({overlap:.2f})"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def subject_paths(cohort: Path, subject: str) -> dict:
     subject_dir = cohort / "dwi_ml_ready" / subject
     return {"fodf": subject_dir / "dwi" / f"{subject}__fodf.nii.gz",
@@ -448,6 +463,9 @@ def main(argv=None):
         print(f"{family} rng {rng}: {info['epochs']} epochs, {how} ({info['experiment']})")
     for label, table in tables.items():
         print(f"\n{label}\n{table.to_string(index=False)}")
+    print("\nper bundle: F1 (OL), mean over the training seeds")
+    for s, by in runs.items():
+        print(f"\n{subject_label(cohort, s)}\n{bundle_table(by).to_string(index=False)}")
     print(f"\nwritten {out / 'quality.tsv'} (the last table) and {out / 'quality.json'}; "
           f"total {time.perf_counter() - started:.0f} s")
 

@@ -1,5 +1,6 @@
 """benchmarks/gpu.py at a tiny size on the CPU: the script a GPU machine runs unattended must work before one is
-lent. Figures are not timed; the test checks the counts, that every figure is finite, and the validity checks."""
+lent. Figures are not timed; the test checks the counts, that every figure is finite, and the validity checks.
+Also the per-bundle table of benchmarks/quality.py on real scores."""
 
 import json
 import math
@@ -84,3 +85,25 @@ def test_gpu_benchmark_check_finds_broken_streamlines(gpu_benchmark, tiny_hdf5, 
     assert "outside the volume" in " ".join(problems_after(lambda r: r.points.__setitem__((middle, 2), 99.0)))
     assert "not one per seed" in " ".join(problems_after(lambda r: None, start=0))
 
+
+
+def test_quality_bundle_table_shows_which_bundle_a_tracker_finds(tiny_cohort, tmp_path):
+    """benchmarks/quality.py's per-bundle table, on real scores: a tractogram of the arc's ground truth alone
+    scores on the arc only, and a tracker's cell is the mean over its runs (training seeds)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    subject_dir = tiny_cohort / "dwi_ml_ready" / "sub-01"
+    arc_only = quality.score(subject_dir / "tractograms" / "sub-01__arc.trk", subject_dir / "bundles")
+    nothing = quality.score(tmp_path / "not_written.trk", subject_dir / "bundles")
+    table = quality.bundle_table({"arc only": [arc_only], "arc, then nothing": [arc_only, nothing]})
+    assert list(table.columns) == ["tracker", *arc_only["bundles"]]
+    arc = arc_only["bundles"]["arc"]
+    assert arc["F1"] > 0.5
+    rows = table.set_index("tracker")
+    assert rows.loc["arc only", "arc"] == f"{arc['F1']:.2f} ({arc['OL']:.2f})"
+    assert rows.loc["arc, then nothing", "arc"] == f"{arc['F1'] / 2:.2f} ({arc['OL'] / 2:.2f})"
+    others = [bundle for bundle in arc_only["bundles"] if bundle != "arc"]
+    assert others and all(rows.loc["arc only", bundle] == "0.00 (0.00)" for bundle in others)
