@@ -86,7 +86,6 @@ def test_gpu_benchmark_check_finds_broken_streamlines(gpu_benchmark, tiny_hdf5, 
     assert "not one per seed" in " ".join(problems_after(lambda r: None, start=0))
 
 
-
 def test_quality_bundle_table_shows_which_bundle_a_tracker_finds(tiny_cohort, tmp_path):
     """benchmarks/quality.py's per-bundle table, on real scores: a tractogram of the arc's ground truth alone
     scores on the arc only, and a tracker's cell is the mean over its runs (training seeds)."""
