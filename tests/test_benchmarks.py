@@ -2,6 +2,7 @@
 lent. Figures are not timed; the test checks the counts, that every figure is finite, and the validity checks.
 Also the per-bundle table of benchmarks/quality.py on real scores."""
 
+import importlib
 import json
 import math
 import subprocess
@@ -18,14 +19,19 @@ TINY = ["--l2t_size", "16", "--tt_d_model", "16", "--tt_heads", "2", "--tt_layer
 
 
 @pytest.fixture(scope="module")
-def gpu_benchmark():
-    """benchmarks/gpu.py as a module (it imports its sibling benchmarks/tracking.py)."""
+def import_benchmark():
+    """Imports benchmarks/<name>.py by name, with benchmarks/ on the path while this module's tests run (the
+    scripts import their siblings, e.g. gpu.py imports tracking.py)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import gpu
-        yield gpu
+        yield importlib.import_module
     finally:
         sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def gpu_benchmark(import_benchmark):
+    return import_benchmark("gpu")
 
 
 def test_gpu_benchmark_runs_at_a_tiny_size_on_the_cpu(tiny_hdf5, tmp_path):
@@ -86,14 +92,10 @@ def test_gpu_benchmark_check_finds_broken_streamlines(gpu_benchmark, tiny_hdf5, 
     assert "not one per seed" in " ".join(problems_after(lambda r: None, start=0))
 
 
-def test_quality_bundle_table_shows_which_bundle_a_tracker_finds(tiny_cohort, tmp_path):
+def test_quality_bundle_table_shows_which_bundle_a_tracker_finds(import_benchmark, tiny_cohort, tmp_path):
     """benchmarks/quality.py's per-bundle table, on real scores: a tractogram of the arc's ground truth alone
     scores on the arc only, and a tracker's cell is the mean over its runs (training seeds)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import quality
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    quality = import_benchmark("quality")
     subject_dir = tiny_cohort / "dwi_ml_ready" / "sub-01"
     arc_only = quality.score(subject_dir / "tractograms" / "sub-01__arc.trk", subject_dir / "bundles")
     nothing = quality.score(tmp_path / "not_written.trk", subject_dir / "bundles")
