@@ -31,6 +31,7 @@ one CPU thread (scilpy's tracking is single-threaded); each learned tracker's ow
     python benchmarks/quality.py --out quality --cohort demo --l2t_experiment exps/l2t --tt_experiment exps/tt
     python benchmarks/quality.py --out quality_varied --geometry varied --training_seeds 1234 1 2
     python benchmarks/quality.py --out quality_rot --geometry varied --rotation_augmentation 15
+    python benchmarks/quality.py --out quality_8 --geometry varied --training_poses 1 2 3 4 6 7 8 9  # 8 subjects
 """
 
 import argparse
